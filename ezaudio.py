@@ -1,0 +1,959 @@
+"""
+EzAudio in one file: text-to-audio generation with an efficient diffusion transformer.
+
+Paper: J. Hai et al., "EzAudio: Enhancing Text-to-Audio Generation with Efficient Diffusion Transformer",
+arXiv 2409.10819. Read top to bottom, this file builds every piece the paper describes:
+
+  1. configuration            presets for the released EzAudio-L / XL and their waveform VAE (Sec. II-A, II-B)
+  2. EzAudio-DiT              AdaLN-SOLA, long skips, RoPE, QK-norm, cross-attention, GEGLU (Sec. II-B)
+  3. masked input assembly    generation, editing and span-masked training share one model input (Sec. II-C)
+  4. waveform VAE             Snake-beta Oobleck encoder/decoder with a VAE bottleneck (Sec. II-A)
+  5. diffusion                zero-terminal-SNR v-prediction, DDIM, CFG with rescale (Sec. II-D)
+  6. training objective       span masking and the masked velocity loss (Sec. II-C, III)
+  7. text encoder             frozen FLAN-T5 (Sec. II-B)
+  8. checkpoints              the released state_dicts and this project's own files
+  9. the pipeline             text to audio, and audio editing, in a few lines
+
+The released weights load into these modules unchanged, and with them the numbers match the published
+implementation (see tests/test_reference.py).
+"""
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# 1. Configuration
+
+
+@dataclass
+class DiTConfig:
+    latent_dim: int = 128  # C: latent channels; the model input has 2C + 1 (x_t, known latent, mask)
+    dim: int = 1152  # D
+    depth: int = 28  # depth // 2 in-blocks, one mid-block, depth // 2 out-blocks
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    sola_rank: int = 36  # r of the low-rank AdaLN-SOLA update
+    sola_alpha: float = 36.0
+    context_dim: int = 2048  # width of the text encoder; 0 = no text and no cross-attention (stage 1)
+    mae_prob: float = 0.25  # training: probability that a sample is span-masked rather than fully masked
+    mask_span: int = 10  # training: span length in latent frames (0.2 s)
+    mask_ratio: tuple = (0.25, 1.0)  # training: range of the fraction of frames to mask
+
+    @classmethod
+    def from_official(cls, cfg):
+        """Build from the `model` block of a released EzAudio YAML config."""
+        expected = dict(patch_size=1, qk_norm="layernorm", act_layer="geglu", time_fusion="ada_sola_bias",
+                        skip=True, skip_norm=True, use_conv=True, rope_mode="shared", pe_method="none")
+        for k, v in expected.items():
+            if cfg.get(k, v) != v:
+                raise ValueError(f"unsupported DiT config: {k}={cfg[k]!r} (EzAudio uses {v!r})")
+        if cfg["in_chans"] != 2 * cfg["out_chans"] + 1:
+            raise ValueError(f"unsupported DiT config: in_chans={cfg['in_chans']} must be 2*out_chans+1")
+        return cls(latent_dim=cfg["out_chans"], dim=cfg["embed_dim"], depth=cfg["depth"], heads=cfg["num_heads"],
+                   mlp_ratio=cfg["mlp_ratio"], sola_rank=cfg["ada_sola_rank"], sola_alpha=cfg["ada_sola_alpha"],
+                   context_dim=cfg["context_dim"] if cfg.get("context_fusion", "cross") == "cross" else 0,
+                   mae_prob=cfg.get("mae_prob", 0.25), mask_span=cfg.get("mask_span", 10),
+                   mask_ratio=tuple(cfg.get("mask_ratio", (0.25, 1.0))))
+
+
+@dataclass
+class VAEConfig:
+    sample_rate: int = 24000
+    channels: int = 128
+    c_mults: tuple = (1, 2, 4, 8)
+    strides: tuple = (2, 4, 6, 10)  # hop = product = 480 samples, i.e. 50 latent frames per second at 24 kHz
+    latent_dim: int = 128
+
+    @property
+    def hop(self):
+        return math.prod(self.strides)
+
+    @classmethod
+    def from_official(cls, cfg):
+        """Build from a released stable-audio-style VAE JSON config."""
+        enc, dec = cfg["model"]["encoder"]["config"], cfg["model"]["decoder"]["config"]
+        if cfg["model"]["bottleneck"]["type"] != "vae" or dec.get("final_tanh", False) or not enc.get("use_snake"):
+            raise ValueError("unsupported VAE config: expected an Oobleck VAE with Snake and no final tanh")
+        if enc["latent_dim"] != 2 * dec["latent_dim"] or enc["c_mults"] != dec["c_mults"] \
+                or enc["strides"] != dec["strides"] or enc["channels"] != dec["channels"]:
+            raise ValueError("unsupported VAE config: encoder and decoder disagree")
+        return cls(sample_rate=cfg["sample_rate"], channels=enc["channels"], c_mults=tuple(enc["c_mults"]),
+                   strides=tuple(enc["strides"]), latent_dim=dec["latent_dim"])
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+
+
+DIT_PRESETS = {
+    "L": DiTConfig(dim=1024, depth=24, heads=16, sola_rank=32, sola_alpha=32, context_dim=1024),
+    "XL": DiTConfig(dim=1152, depth=28, heads=16, sola_rank=36, sola_alpha=36, context_dim=2048),
+    "tiny": DiTConfig(latent_dim=8, dim=64, depth=4, heads=4, sola_rank=4, sola_alpha=8, context_dim=32),
+}
+VAE_PRESETS = {
+    "released": VAEConfig(),
+    "tiny": VAEConfig(channels=8, c_mults=(1, 2), strides=(2, 4), latent_dim=8),
+}
+
+
+def config_from_dict(cls, d):
+    """Rebuild a config dataclass from the plain dict stored in a checkpoint (tuples come back as lists)."""
+    kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
+
+
+# -----------------------------------------------------------------------------
+# 2. EzAudio-DiT building blocks
+
+
+def timestep_embedding(t, dim=256, max_period=10000.0):
+    """Sinusoidal embedding of integer timesteps, cosines first. (B,) -> (B, dim)"""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al.) over token positions. One instance is shared by every self-attention ("rope_mode: shared");
+    the released checkpoint stores its `inv_freq` once per block, and loading writes the same values each time."""
+
+    def __init__(self, head_dim, base=10000.0):
+        super().__init__()
+        self.register_buffer("inv_freq", base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self._cache = {}
+
+    def forward(self, length, device):
+        """cos and sin tables for positions 0..length-1, each (length, head_dim), in float32; cached per length."""
+        key = (length, str(device))
+        if key not in self._cache:
+            angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)
+            angles = torch.cat([angles, angles], dim=-1)
+            self._cache = {key: (angles.cos(), angles.sin())}  # one length at a time: sampling reuses it every step
+        return self._cache[key]
+
+    def _apply(self, fn, recurse=True):
+        self._cache = {}  # .to() / .half() / load_state_dict invalidate the tables
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache = {}
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate query or key (B, H, L, d) by position, in float32 as the released model does."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with QK-norm (LayerNorm over head_dim). Self-attention when no context is given
+    (then RoPE applies), cross-attention otherwise (then `mask` marks the context tokens to attend)."""
+
+    def __init__(self, dim, heads, rotary=None):
+        super().__init__()
+        self.heads, head_dim = heads, dim // heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.norm_q = nn.LayerNorm(head_dim)
+        self.norm_k = nn.LayerNorm(head_dim)
+        self.proj = nn.Linear(dim, dim)
+        if rotary is not None:
+            self.rotary = rotary
+
+    def forward(self, x, context=None, mask=None, rope=None):
+        B, L, D = x.shape
+        kv = x if context is None else context
+        split = lambda t: t.view(B, -1, self.heads, D // self.heads).transpose(1, 2)  # (B, H, L, d)
+        q, k, v = split(self.to_q(x)), split(self.to_k(kv)), split(self.to_v(kv))
+        q, k = self.norm_q(q), self.norm_k(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.to(v.dtype), k.to(v.dtype), v
+        if mask is not None:
+            mask = mask[:, None, None, :]  # (B, 1, 1, Lc): broadcast over heads and queries
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(x.transpose(1, 2).reshape(B, L, D))
+
+
+class GEGLU(nn.Module):
+    """One projection to twice the hidden width, split into value u and gate g: u * GELU(g) (Shazeer, 2020)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * hidden)
+
+    def forward(self, x):
+        u, g = self.proj(x).chunk(2, dim=-1)
+        return u * F.gelu(g)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, mlp_ratio):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        # index 1 held dropout in the released model; an Identity keeps the key names net.0 / net.2
+        self.net = nn.Sequential(GEGLU(dim, hidden), nn.Identity(), nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class AdaLNSOLA(nn.Module):
+    """AdaLN-SOLA (paper Sec. II-B): the six modulation vectors come from one projection of the timestep shared by
+    all blocks (`time_ada`), plus a per-block low-rank update and a per-block learned bias table."""
+
+    def __init__(self, dim, rank, alpha):
+        super().__init__()
+        self.scale_shift_table = nn.Parameter(torch.zeros(6, dim))
+        self.lora_a = nn.Linear(dim, 6 * rank, bias=False)
+        self.lora_b = nn.Linear(6 * rank, 6 * dim, bias=False)
+        self.scaling = alpha / rank
+
+    def forward(self, time_token, time_ada):
+        """(B, D) timestep token and (B, 6D) shared modulation -> (B, 6, D): shift, scale, gate for attention, then MLP."""
+        a = time_ada + self.lora_b(self.lora_a(time_token)) * self.scaling
+        return a.view(a.shape[0], 6, -1) + self.scale_shift_table
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DiTBlock(nn.Module):
+    """Self-attention, cross-attention to the text and a GEGLU MLP, modulated by AdaLN-SOLA. Out-blocks first fuse
+    the long skip from their mirrored in-block (U-ViT, Bao et al.), normalised as the paper's skip-norm."""
+
+    def __init__(self, cfg, rotary, skip=False):
+        super().__init__()
+        D = cfg.dim
+        self.norm1 = nn.LayerNorm(D)
+        self.attn = Attention(D, cfg.heads, rotary)
+        if cfg.context_dim:
+            self.cross_attn = Attention(D, cfg.heads)
+            self.norm2 = nn.LayerNorm(D)
+            self.norm_context = nn.LayerNorm(D)  # the context is already embedded to D
+        self.norm3 = nn.LayerNorm(D)
+        self.mlp = FeedForward(D, cfg.mlp_ratio)
+        self.adaln = AdaLNSOLA(D, cfg.sola_rank, cfg.sola_alpha)
+        if skip:
+            self.skip_norm = nn.LayerNorm(2 * D)
+            self.skip_linear = nn.Linear(2 * D, D)
+
+    def forward(self, x, time_token, time_ada, context, context_mask, rope, skip=None):
+        if skip is not None:
+            x = self.skip_linear(self.skip_norm(torch.cat([x, skip], dim=-1)))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaln(time_token, time_ada).unbind(1)
+        # the released model gates residuals with (1 - gate); kept so its weights compute what they were trained for
+        x = x + (1 - gate_msa[:, None]) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
+        if context is not None:
+            x = x + self.cross_attn(self.norm2(x), self.norm_context(context), mask=context_mask)
+        x = x + (1 - gate_mlp[:, None]) * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim, out_dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.linear = nn.Linear(dim, out_dim)
+        self.final_layer = nn.Conv1d(out_dim, out_dim, kernel_size=3, padding=1)  # smooths across neighbouring frames
+
+    def forward(self, x, shift, scale):
+        x = self.linear(modulate(self.norm(x), shift, scale))  # (B, L, C)
+        return self.final_layer(x.transpose(1, 2))  # (B, C, L)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, in_dim, dim):
+        super().__init__()
+        self.proj = nn.Conv1d(in_dim, dim, kernel_size=1)
+
+    def forward(self, x):
+        return self.proj(x).transpose(1, 2)  # (B, C_in, L) -> (B, L, D)
+
+
+class TimestepEmbed(nn.Module):
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.freq_dim))
+
+
+class DiT(nn.Module):
+    """The transformer proper: latent frames in, velocity out. (B, 2C+1, L) -> (B, C, L)"""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.dim
+        self.patch_embed = PatchEmbed(2 * cfg.latent_dim + 1, D)
+        self.time_embed = TimestepEmbed(D)
+        self.time_ada_final = nn.Linear(D, 2 * D)
+        self.time_ada = nn.Linear(D, 6 * D)
+        if cfg.context_dim:
+            self.context_embed = nn.Sequential(nn.Linear(cfg.context_dim, D), nn.SiLU(), nn.Linear(D, D))
+        rotary = RotaryEmbedding(D // cfg.heads)  # one table for all blocks, registered (and saved) in each
+        self.in_blocks = nn.ModuleList([DiTBlock(cfg, rotary) for _ in range(cfg.depth // 2)])
+        self.mid_block = DiTBlock(cfg, rotary)
+        self.out_blocks = nn.ModuleList([DiTBlock(cfg, rotary, skip=True) for _ in range(cfg.depth // 2)])
+        self.final_block = FinalLayer(D, cfg.latent_dim)
+        self.grad_checkpointing = False
+
+    def forward(self, x, t, context=None, context_mask=None):
+        x = self.patch_embed(x)  # (B, L, D)
+        time_token = F.silu(self.time_embed(t))  # (B, D): computed once per step, shared by every block
+        time_ada = self.time_ada(time_token)  # (B, 6D)
+        if context is not None:
+            context = self.context_embed(context)  # (B, Lc, D)
+        rope = self.mid_block.attn.rotary(x.shape[1], x.device)  # (L, d) cos and sin
+
+        def run(block, x, skip=None):
+            if self.grad_checkpointing and self.training:
+                return checkpoint(block, x, time_token, time_ada, context, context_mask, rope, skip,
+                                  use_reentrant=False)
+            return block(x, time_token, time_ada, context, context_mask, rope, skip)
+
+        skips = []
+        for block in self.in_blocks:
+            x = run(block, x)
+            skips.append(x)
+        x = run(self.mid_block, x)
+        for block in self.out_blocks:
+            x = run(block, x, skips.pop())
+        shift, scale = self.time_ada_final(time_token).view(x.shape[0], 2, -1).unbind(1)
+        return self.final_block(x, shift, scale)
+
+
+# -----------------------------------------------------------------------------
+# 3. Masked input assembly: one model for generation, editing and span-masked training (paper Sec. II-C)
+
+
+class EzAudioDiT(nn.Module):
+    """The DiT plus the learned `mask_embed` that stands in for latent frames to be generated. Its state_dict has
+    the released layout: `mask_embed` at the top, everything else under `model.`."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.mask_embed = nn.Parameter(torch.zeros(cfg.latent_dim))
+        self.model = DiT(cfg)
+
+    def assemble_input(self, x, gt=None, mask=None):
+        """[x_t, known latent with mask_embed where frames are generated, mask as 0/1] on channels.
+        x, gt: (B, C, L); mask: (B, 1, L) or (B, C, L) bool, True = generate. No gt means generate everything."""
+        B, C, L = x.shape
+        embed = self.mask_embed.to(x.dtype)[None, :, None]  # (1, C, 1)
+        if gt is None:
+            return torch.cat([x, embed.expand(B, C, L), x.new_ones(B, 1, L)], dim=1)
+        mask = mask[:, :1]  # (B, 1, L)
+        known = torch.where(mask, embed, gt.to(x.dtype))
+        return torch.cat([x, known, mask.to(x.dtype)], dim=1)  # (B, 2C+1, L)
+
+    def forward(self, x, t, context=None, context_mask=None, gt=None, mask=None):
+        """Predicted velocity (B, C, L) for noisy latents x (B, C, L) at integer timesteps t (B,)."""
+        return self.model(self.assemble_input(x, gt, mask), t, context, context_mask)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Initialisation for training from scratch (the released models were trained from this):
+        - every Linear: xavier-uniform weight, zero bias; the 1x1 patch_embed conv likewise, as the Linear it is;
+        - zero: time_ada, time_ada_final and every lora_b (so each block starts with the shared-free modulation
+          1 - gate = 1, scale = shift = 0), every scale_shift_table, every cross-attention proj (text enters gently),
+          and mask_embed;
+        - lora_a: kaiming-uniform (a = sqrt(5)), as LoRA does, so that lora_b alone starts at zero;
+        - LayerNorms: weight 1, bias 0; the final conv: PyTorch's default;
+        - the rotary inv_freq buffer is a constant, not learned."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        dit = self.model
+        nn.init.xavier_uniform_(dit.patch_embed.proj.weight.view(dit.patch_embed.proj.out_channels, -1))
+        nn.init.zeros_(dit.patch_embed.proj.bias)
+        dit.final_block.final_layer.reset_parameters()
+        for lin in (dit.time_ada, dit.time_ada_final):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        for block in [*dit.in_blocks, dit.mid_block, *dit.out_blocks]:
+            nn.init.zeros_(block.adaln.scale_shift_table)
+            nn.init.kaiming_uniform_(block.adaln.lora_a.weight, a=math.sqrt(5))
+            nn.init.zeros_(block.adaln.lora_b.weight)
+            if hasattr(block, "cross_attn"):
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
+        nn.init.zeros_(self.mask_embed)
+        return self
+
+
+# -----------------------------------------------------------------------------
+# 4. The waveform VAE (paper Sec. II-A): an Oobleck encoder/decoder (Stable Audio) with a VAE bottleneck
+
+
+class SnakeBeta(nn.Module):
+    """y = x + sin(a x)^2 / b with per-channel a, b stored in log scale (Ziyin et al., 2020; BigVGAN)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):  # (B, C, T)
+        a, b = self.alpha.exp()[:, None], self.beta.exp()[:, None]
+        return x + torch.sin(a * x).pow(2) / (b + 1e-9)
+
+
+def weight_norm(v, g):
+    """w = g * v / |v|, the norm taken over every dim but the first (Salimans & Kingma, 2016)."""
+    return v * (g / v.norm(dim=(1, 2), keepdim=True))
+
+
+class WeightNormed:
+    """Weight stored as weight_g and weight_v, the released checkpoint's weight-norm layout, for a conv layer.
+    `fold()` computes the plain weight once for inference."""
+
+    def split_weight(self):
+        v = self.weight.detach()
+        del self.weight
+        self.weight_v = nn.Parameter(v.clone())
+        self.weight_g = nn.Parameter(v.norm(dim=(1, 2), keepdim=True))
+        self.register_buffer("folded", None, persistent=False)
+
+    def weight_now(self):
+        return self.folded if self.folded is not None else weight_norm(self.weight_v, self.weight_g)
+
+    def fold(self):
+        self.folded = weight_norm(self.weight_v, self.weight_g).detach()
+
+
+class WNConv1d(WeightNormed, nn.Conv1d):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.split_weight()
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight_now(), self.bias)
+
+
+class WNConvTranspose1d(WeightNormed, nn.ConvTranspose1d):
+    """Its weight is (in, out, k), so the norm keeps dim 0 = in channels, as in the checkpoint."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.split_weight()
+
+    def forward(self, x):
+        return F.conv_transpose1d(x, self.weight_now(), self.bias, self.stride, self.padding)
+
+
+class ResidualUnit(nn.Module):
+    def __init__(self, channels, dilation):
+        super().__init__()
+        self.layers = nn.Sequential(
+            SnakeBeta(channels), WNConv1d(channels, channels, 7, dilation=dilation, padding=3 * dilation),
+            SnakeBeta(channels), WNConv1d(channels, channels, 1))
+
+    def forward(self, x):
+        return x + self.layers(x)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.layers = nn.Sequential(
+            ResidualUnit(c_in, 1), ResidualUnit(c_in, 3), ResidualUnit(c_in, 9), SnakeBeta(c_in),
+            WNConv1d(c_in, c_out, 2 * stride, stride=stride, padding=math.ceil(stride / 2)))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.layers = nn.Sequential(
+            SnakeBeta(c_in), WNConvTranspose1d(c_in, c_out, 2 * stride, stride=stride, padding=math.ceil(stride / 2)),
+            ResidualUnit(c_out, 1), ResidualUnit(c_out, 3), ResidualUnit(c_out, 9))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class WaveformVAE(nn.Module):
+    """Mono waveform (B, 1, T) <-> latent (B, latent_dim, T / hop). The encoder emits mean and scale of a diagonal
+    Gaussian posterior; std = softplus(scale) + 1e-4."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        widths = [cfg.channels * m for m in (1, *cfg.c_mults)]
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.Sequential(
+            WNConv1d(1, widths[0], 7, padding=3),
+            *[EncoderBlock(widths[i], widths[i + 1], s) for i, s in enumerate(cfg.strides)],
+            SnakeBeta(widths[-1]), WNConv1d(widths[-1], 2 * cfg.latent_dim, 3, padding=1))
+        self.decoder = nn.Module()
+        self.decoder.layers = nn.Sequential(
+            WNConv1d(cfg.latent_dim, widths[-1], 7, padding=3),
+            *[DecoderBlock(widths[i + 1], widths[i], s) for i, s in reversed(list(enumerate(cfg.strides)))],
+            SnakeBeta(widths[0]), WNConv1d(widths[0], 1, 7, padding=3, bias=False))
+
+    def posterior(self, audio):
+        """(B, 1, T) -> mean, std, each (B, latent_dim, T / hop)."""
+        mean, scale = self.encoder.layers(audio).chunk(2, dim=1)
+        return mean, F.softplus(scale) + 1e-4
+
+    def encode(self, audio, sample=True, generator=None):
+        """Latent of a waveform: a draw from the posterior (as the released pipeline does) or its mean."""
+        mean, std = self.posterior(audio)
+        if not sample:
+            return mean
+        return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+    def decode(self, z):
+        """(B, latent_dim, L) -> (B, 1, hop * L) for even strides."""
+        return self.decoder.layers(z)
+
+    def fold_weight_norm(self):
+        """Freeze g * v / |v| into plain weights for inference; training must not call this."""
+        for m in self.modules():
+            if isinstance(m, (WNConv1d, WNConvTranspose1d)):
+                m.fold()
+        return self
+
+
+def kl_divergence(mean, std):
+    """KL(q || N(0, I)) as the released VAE was trained: summed over channels, averaged over batch and time.
+    (Twice the textbook KL; the factor is part of the recipe's weight 1e-4.)"""
+    return (mean.pow(2) + std.pow(2) - 2 * std.log() - 1).sum(1).mean()
+
+
+# -----------------------------------------------------------------------------
+# 5. Diffusion: zero-terminal-SNR v-prediction with DDIM sampling and classifier-free guidance
+
+
+def zero_snr_alphas_cumprod(cfg):
+    """The "scaled_linear" betas of Stable Diffusion, rescaled so that the last step is pure noise (SNR 0), as in
+    Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed" (2024), Algorithm 1. (T,) float32"""
+    betas = torch.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, cfg.num_train_timesteps) ** 2
+    s = torch.cumprod(1 - betas, dim=0).sqrt()
+    s = (s - s[-1]) * s[0] / (s[0] - s[-1])  # shift the last to 0, keep the first
+    alphas_bar = s ** 2
+    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])  # per-step alphas, recovered
+    return torch.cumprod(alphas, dim=0)  # alphas_cumprod[-1] is exactly 0
+
+
+def classifier_free_guidance(v_pos, v_neg, scale, rescale=0.0):
+    """v = v_neg + w (v_pos - v_neg) (Ho & Salimans, 2022), then blended with a copy rescaled to the standard
+    deviation of v_pos by phi = `rescale`, which undoes the over-exposure of large w (Lin et al. 2024, Sec. 3.4)."""
+    v = v_neg + scale * (v_pos - v_neg)
+    if rescale > 0:
+        dims = tuple(range(1, v.ndim))
+        v_rescaled = v * (v_pos.std(dim=dims, keepdim=True) / v.std(dim=dims, keepdim=True))
+        v = rescale * v_rescaled + (1 - rescale) * v
+    return v
+
+
+class Diffusion(nn.Module):
+    """Forward noising, the v-prediction target and the DDIM sampler. A module only so that .to(device) moves the
+    schedule; it has no parameters and its state is not saved."""
+
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.cfg = cfg or DiffusionConfig()
+        self.num_train_timesteps = self.cfg.num_train_timesteps
+        self.register_buffer("alphas_cumprod", zero_snr_alphas_cumprod(self.cfg), persistent=False)
+
+    def _coefficients(self, t, ndim):
+        a = self.alphas_cumprod[t].view(-1, *[1] * (ndim - 1))  # (B, 1, 1)
+        return a.sqrt(), (1 - a).sqrt()
+
+    def add_noise(self, x0, noise, t):
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps   (DDPM, Ho et al. 2020, eq. 4)"""
+        a, s = self._coefficients(t, x0.ndim)
+        return a * x0 + s * noise
+
+    def velocity(self, x0, noise, t):
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0, the v-prediction target (Salimans & Ho, 2022)."""
+        a, s = self._coefficients(t, x0.ndim)
+        return a * noise - s * x0
+
+    def timesteps(self, steps):
+        """The "trailing" schedule of Lin et al. (2024, Table 2): starts at T-1, so sampling begins at pure noise."""
+        T = self.num_train_timesteps
+        return (torch.arange(T, 0, -T / steps, dtype=torch.float64).round() - 1).long()
+
+    def step(self, v, t, x, steps, eta=0.0, noise=None):
+        """One DDIM update from integer timestep t to t - T // steps (Song et al., "Denoising Diffusion Implicit
+        Models", 2021, eq. 12 with sigma from eq. 16), with x0 and eps read off the predicted velocity."""
+        t_prev = t - self.num_train_timesteps // steps
+        a_t = self.alphas_cumprod[t]
+        a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(a_t)
+        x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * v
+        eps = a_t.sqrt() * v + (1 - a_t).sqrt() * x
+        std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        # 1 - abar_prev - std^2 is 0 in exact arithmetic at the first step with eta = 1; float32 can dip below it
+        x_prev = a_prev.sqrt() * x0 + (1 - a_prev - std ** 2).clamp(min=0).sqrt() * eps
+        if eta > 0:
+            x_prev = x_prev + std * noise
+        return x_prev
+
+    @torch.inference_mode()
+    def sample(self, dit, context, context_mask, neg_context=None, neg_mask=None, *, length=None, steps=100,
+               guidance=5.0, rescale=0.75, eta=1.0, gt=None, mask=None, generator=None, noise=None, progress=False):
+        """Generate latents (B, C, length) by DDIM from pure noise, guided by the text (classifier-free guidance
+        against `neg_context` when given). Editing: pass the known latent `gt` (B, C, L) and `mask` (B, 1 or C, L),
+        True where frames are to be generated; the known frames are copied back at the end.
+
+        Random numbers come from `generator` in the order of the released pipeline: first the initial noise,
+        then, when eta > 0, one tensor of the same shape at every step."""
+        from tqdm import tqdm
+        device = self.alphas_cumprod.device
+        B = context.shape[0] if context is not None else gt.shape[0]
+        shape = (B, dit.cfg.latent_dim, length if gt is None else gt.shape[-1])
+        x = torch.randn(shape, generator=generator, device=device) if noise is None else noise.to(device)
+        guided = neg_context is not None and guidance != 1
+        if guided:  # one forward pass carries both halves: [text; negative text]
+            context, context_mask = pad_and_concat(context, context_mask, neg_context, neg_mask)
+            if gt is not None:
+                gt, mask = torch.cat([gt, gt]), torch.cat([mask, mask])
+        if context_mask is not None and bool(context_mask.all()):
+            context_mask = None  # no padding: skip the attention mask and its slower kernel
+        for t in tqdm(self.timesteps(steps).tolist(), desc="sampling", disable=not progress, leave=False):
+            t_batch = torch.full((x.shape[0] * (2 if guided else 1),), t, device=device)
+            v = dit(torch.cat([x, x]) if guided else x, t_batch, context, context_mask, gt, mask).float()
+            if guided:
+                v = classifier_free_guidance(*v.chunk(2), guidance, rescale)
+            z = torch.randn(shape, generator=generator, device=device) if eta > 0 else None
+            x = self.step(v, t, x, steps, eta, z)
+        if gt is not None:
+            x = torch.where(mask[:B], x, gt[:B].float())
+        return x
+
+
+def pad_and_concat(a, a_mask, b, b_mask):
+    """Stack two batches of context (B, Lc, D) with their masks along the batch, padding the shorter sequence."""
+    masks = [m if m is not None else torch.ones(c.shape[:2], dtype=torch.bool, device=c.device)
+             for c, m in ((a, a_mask), (b, b_mask))]
+    n = max(a.shape[1], b.shape[1])
+    ctx = [F.pad(c, (0, 0, 0, n - c.shape[1])) for c in (a, b)]
+    masks = [F.pad(m, (0, n - m.shape[1])) for m in masks]
+    return torch.cat(ctx), torch.cat(masks)
+
+
+# -----------------------------------------------------------------------------
+# 6. Training objective: span masking and the masked velocity loss (paper Sec. II-C)
+
+
+def span_mask(batch, length, cfg, generator=None, device=None, mae_prob=None):
+    """Per sample, with probability `mae_prob`: mask about ratio * length / span spans of `span` frames at random
+    starts (overlaps allowed), ratio ~ U(mask_ratio); otherwise mask every frame (plain generation).
+    Returns (B, 1, L) bool, True = frames the model must generate (and the loss sees)."""
+    mae_prob = cfg.mae_prob if mae_prob is None else mae_prob
+    span = min(cfg.mask_span, length)
+    lo, hi = cfg.mask_ratio
+    rand = lambda *shape: torch.rand(shape, generator=generator, device=device)
+    ratio = lo + (hi - lo) * rand(batch)
+    n_spans = (ratio * length / span).round().clamp(min=1).long()  # (B,)
+    max_spans = math.ceil(hi * length / span)
+    starts = (rand(batch, max_spans) * (length - span + 1)).long()  # (B, S)
+    used = torch.arange(max_spans, device=device)[None] < n_spans[:, None]  # (B, S)
+    frames = torch.arange(length, device=device)[None, None]  # (1, 1, L)
+    inside = (frames >= starts[..., None]) & (frames < starts[..., None] + span) & used[..., None]  # (B, S, L)
+    spans = inside.any(1)
+    full = rand(batch) >= mae_prob
+    return (spans | full[:, None])[:, None]
+
+
+def masked_mse(pred, target, mask):
+    """MSE over the frames where mask (B, 1, L) is True, averaged per sample, then over the batch."""
+    per_frame = (pred.float() - target.float()).pow(2).mean(1)  # (B, L)
+    m = mask[:, 0].float()
+    return ((per_frame * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+
+
+def diffusion_loss(dit, diffusion, x0, context=None, context_mask=None, generator=None, mae_prob=None):
+    """The training loss of one batch of clean latents x0 (B, C, L): uniform timesteps, span-masked input,
+    v-prediction MSE on the masked frames."""
+    B, C, L = x0.shape
+    t = torch.randint(0, diffusion.num_train_timesteps, (B,), generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    mask = span_mask(B, L, dit.cfg, generator, x0.device, mae_prob)
+    v = dit(diffusion.add_noise(x0, noise, t), t, context, context_mask, gt=x0, mask=mask)
+    return masked_mse(v, diffusion.velocity(x0, noise, t), mask)
+
+
+# -----------------------------------------------------------------------------
+# 7. Text encoder: frozen FLAN-T5 (paper Sec. II-B)
+
+
+class TextEncoder(nn.Module):
+    """Tokenizer + T5 encoder, frozen. Prompts -> context (B, max_length, D_ctx) and mask (B, max_length) bool."""
+
+    def __init__(self, tokenizer, model, max_length=100):
+        super().__init__()
+        self.tokenizer, self.model, self.max_length = tokenizer, model.eval().requires_grad_(False), max_length
+        self.dim = model.config.d_model
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, max_length=100):
+        """A hub name ("google/flan-t5-xl", downloaded and cached on first use) or a local save_pretrained folder."""
+        from transformers import AutoTokenizer, T5EncoderModel
+        try:
+            return cls(AutoTokenizer.from_pretrained(name_or_path), T5EncoderModel.from_pretrained(name_or_path),
+                       max_length)
+        except OSError as e:
+            raise CheckpointError(f"cannot load the text encoder {name_or_path!r} ({str(e).splitlines()[0][:160]}); "
+                                  "connect once to download it, or pass a local folder with --text-encoder") from None
+
+    @classmethod
+    def from_state(cls, state):
+        """A small T5 stored inside a checkpoint (see `state()`), tokenised bytewise by ByT5, which needs no files."""
+        from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+        model = T5EncoderModel(T5Config(**state["t5_config"]))
+        load_weights(model, state["state_dict"], "embedded text encoder")
+        return cls(ByT5Tokenizer(), model, state["max_length"])
+
+    def state(self):
+        """Plain data for a checkpoint; only for ByT5-tokenised encoders (the released ones load by name)."""
+        return {"t5_config": self.model.config.to_diff_dict(), "state_dict": self.model.state_dict(),
+                "max_length": self.max_length}
+
+    @torch.no_grad()
+    def forward(self, prompts):
+        tokens = self.tokenizer(list(prompts), max_length=self.max_length, padding="max_length", truncation=True,
+                                return_tensors="pt").to(self.model.device)
+        context = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        return context, tokens.attention_mask.bool()
+
+
+# -----------------------------------------------------------------------------
+# 8. Checkpoints: the released state_dicts, and this project's own files
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable, or does not fit its model; the message is one line for the user."""
+
+
+def load_file(path):
+    """torch.load with weights_only=True (plain data only), on the CPU."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]})") from None
+
+
+def load_weights(module, state_dict, what="checkpoint"):
+    """load_state_dict that reports every missing, unexpected or misshapen key in one CheckpointError."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    misshapen = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                 if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or misshapen:
+        show = lambda keys: ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+        parts = [f"{name} {show(keys)}" for name, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)) if keys]
+        raise CheckpointError(f"{what} does not match the model config: " + "; ".join(parts))
+    module.load_state_dict(state_dict)
+    return module
+
+
+def is_project_checkpoint(ckpt):
+    return isinstance(ckpt, dict) and ckpt.get("format") == "ezaudio"
+
+
+def dit_from_checkpoint(ckpt, cfg=None, name="checkpoint"):
+    """An EzAudioDiT from a loaded released checkpoint (state_dict under 'model'; give its `cfg`) or one of this
+    project's checkpoints (which carries its config; EMA weights are used when present)."""
+    if is_project_checkpoint(ckpt):
+        if ckpt["config"].get("dit") is None:
+            raise CheckpointError(f"{name}: a VAE checkpoint, not a DiT; pass it with --vae")
+        cfg = config_from_dict(DiTConfig, ckpt["config"]["dit"])
+        state = ckpt.get("ema") or ckpt["model"]
+    elif isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
+        state = ckpt["model"]
+    else:
+        raise CheckpointError(f"{name}: neither an EzAudio checkpoint nor an ezaudio training checkpoint")
+    if cfg is None:
+        raise CheckpointError(f"{name}: a released-format DiT checkpoint needs its config (--dit-config)")
+    return load_weights(EzAudioDiT(cfg), state, name)
+
+
+def vae_from_checkpoint(ckpt, cfg=None, name="checkpoint"):
+    """A WaveformVAE from the loaded released file (state_dict under 'state_dict', keys prefixed 'autoencoder.',
+    other prefixes ignored) or from this project's checkpoints that hold a VAE."""
+    if is_project_checkpoint(ckpt) and ckpt.get("vae") is not None:
+        cfg, state = config_from_dict(VAEConfig, ckpt["config"]["vae"]), ckpt["vae"]
+    elif isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
+        prefix = "autoencoder."
+        state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    else:
+        raise CheckpointError(f"{name}: not a VAE checkpoint (expected 'state_dict' with 'autoencoder.' keys)")
+    return load_weights(WaveformVAE(cfg or VAE_PRESETS["released"]), state, name)
+
+
+# -----------------------------------------------------------------------------
+# 9. The pipeline: text to audio, and audio editing
+
+HUB_REPO = "OpenSound/EzAudio"
+RELEASED_MODELS = {  # name -> (DiT file in the hub repo, DiT preset, text encoder)
+    "s3_xl": ("ckpts/s3/ezaudio_s3_xl.pt", "XL", "google/flan-t5-xl"),
+    "s3_l": ("ckpts/s3/ezaudio_s3_l.pt", "L", "google/flan-t5-large"),
+}
+RELEASED_VAE = "ckpts/vae/1m.pt"
+
+
+def hub_file(filename):
+    """Local path of a file of the released repo, downloaded into the Hugging Face cache on first use."""
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(HUB_REPO, filename)
+    except Exception as e:
+        raise CheckpointError(f"cannot fetch {filename} from the hub repo {HUB_REPO} ({type(e).__name__}); "
+                              "connect once to download it, or pass local files (--ckpt, --vae)") from None
+
+
+def guess_dit_config(state):
+    """The released preset whose shapes a released-format state_dict has, or None."""
+    for cfg in (DIT_PRESETS["L"], DIT_PRESETS["XL"]):
+        with torch.device("meta"):
+            own = EzAudioDiT(cfg).state_dict()
+        if own.keys() == state.keys() and all(own[k].shape == state[k].shape for k in own):
+            return cfg
+    return None
+
+
+def default_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+class EzAudio:
+    """Text encoder, DiT, VAE and sampler in one object: `generate` turns prompts into audio, `edit` regenerates
+    a span of an existing clip. Waveforms are float32 tensors at `sample_rate`."""
+
+    def __init__(self, dit, vae, text_encoder, device=None, dtype=torch.float32):
+        if dit.cfg.context_dim != text_encoder.dim:
+            raise CheckpointError(f"the text encoder's width {text_encoder.dim} does not match the DiT's "
+                                  f"context_dim {dit.cfg.context_dim}; pass the matching --text-encoder")
+        if dit.cfg.latent_dim != vae.cfg.latent_dim:
+            raise CheckpointError(f"the VAE's latent_dim {vae.cfg.latent_dim} does not match the DiT's "
+                                  f"{dit.cfg.latent_dim}; pass the matching --vae")
+        self.device, self.dtype = torch.device(device or default_device()), dtype
+        self.dit = dit.to(self.device).eval()
+        self.vae = vae.to(self.device).eval().fold_weight_norm()
+        self.text_encoder = text_encoder.to(self.device)
+        self.diffusion = Diffusion().to(self.device)
+        self.sample_rate, self.hop = vae.cfg.sample_rate, vae.cfg.hop
+
+    @classmethod
+    def from_pretrained(cls, model="s3_xl", ckpt=None, dit_config=None, vae=None, vae_config=None,
+                        text_encoder=None, device=None, dtype=torch.float32):
+        """Released weights by name (`s3_xl`, `s3_l`; fetched from the hub), or local files: `ckpt` is one of this
+        project's checkpoints or a released-format DiT (`dit_config` a DiTConfig; guessed for L and XL shapes);
+        `vae` a released-format VAE or a project checkpoint holding one; `text_encoder` a hub name or a folder."""
+        if ckpt is None:
+            if model not in RELEASED_MODELS:
+                raise CheckpointError(f"unknown model {model!r}; choose one of {', '.join(RELEASED_MODELS)}")
+            ckpt, preset, text_encoder_name = RELEASED_MODELS[model]
+            ckpt, dit_config = hub_file(ckpt), dit_config or DIT_PRESETS[preset]
+            text_encoder = text_encoder or text_encoder_name
+        ck = load_file(ckpt)
+        config = ck.get("config", {}) if is_project_checkpoint(ck) else {}
+        if not is_project_checkpoint(ck) and dit_config is None and isinstance(ck.get("model"), dict):
+            dit_config = guess_dit_config(ck["model"])
+        dit = dit_from_checkpoint(ck, dit_config, ckpt)
+        if vae is not None:
+            vae = vae_from_checkpoint(load_file(vae), vae_config, vae)
+        elif ck.get("vae") is not None:  # a project checkpoint carrying its own VAE
+            vae = vae_from_checkpoint(ck, name=ckpt)
+        else:
+            path = config.get("vae_path") or hub_file(RELEASED_VAE)
+            vae = vae_from_checkpoint(load_file(path), vae_config, path)
+        if text_encoder is not None:
+            text_encoder = TextEncoder.from_pretrained(text_encoder)
+        elif ck.get("text_encoder") is not None:  # a small text encoder saved inside the checkpoint (toy)
+            text_encoder = TextEncoder.from_state(ck["text_encoder"])
+        elif config.get("text_encoder"):
+            text_encoder = TextEncoder.from_pretrained(config["text_encoder"])
+        else:
+            raise CheckpointError(f"{ckpt}: no text encoder is named; pass one with --text-encoder")
+        return cls(dit, vae, text_encoder, device, dtype)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32)
+
+    def _sample(self, prompts, negative, guidance, seed, **kw):
+        """Latents for a batch of prompts; an all-empty batch is unconditional (guidance off)."""
+        generator = torch.Generator(self.device).manual_seed(seed)
+        context, mask = self.text_encoder(prompts)
+        neg_context, neg_mask = self.text_encoder([negative] * len(prompts))
+        if all(p == "" for p in prompts):
+            neg_context = neg_mask = None
+        with self._autocast():
+            return self.diffusion.sample(self.dit, context, mask, neg_context, neg_mask, guidance=guidance,
+                                         generator=generator, **kw)
+
+    @torch.inference_mode()
+    def generate(self, prompts, duration=10.0, steps=100, guidance=5.0, rescale=0.75, eta=1.0, seed=0,
+                 negative="", progress=False):
+        """Prompts (list of str) -> audio (B, T) with T = duration * sample_rate (rounded to whole latent frames).
+        Defaults are the paper's: 100 DDIM steps, CFG 5 with rescale 0.75, eta 1."""
+        length = max(1, round(duration * self.sample_rate / self.hop))
+        latents = self._sample(prompts, negative, guidance, seed, length=length, steps=steps, rescale=rescale,
+                               eta=eta, progress=progress)
+        with self._autocast():
+            return self.vae.decode(latents).float()[:, 0].cpu()
+
+    @torch.inference_mode()
+    def edit(self, audio, prompt, mask_start, mask_length, boundary=2.0, steps=100, guidance=3.5, rescale=0.0,
+             eta=1.0, seed=0, negative="", progress=False):
+        """Regenerate [mask_start, mask_start + mask_length) seconds of `audio` (T,) to fit `prompt`, keeping the
+        rest. Only a window reaching `boundary` seconds beyond the mask on each side is encoded and decoded; a mask
+        running past the end extends the clip (outpainting). Returns the whole edited clip (T',)."""
+        sr = self.sample_rate
+        audio = torch.as_tensor(audio, dtype=torch.float32).flatten()
+        if not 0 <= mask_start < audio.numel() / sr or mask_length <= 0:
+            raise ValueError(f"the mask [{mask_start}, {mask_start + mask_length}) s must start inside the "
+                             f"{audio.numel() / sr:.2f} s clip and have a positive length")
+        audio = audio / (audio.abs().max() + 1e-9)  # peak-normalise, as the released pipeline does
+        end = round((mask_start + mask_length) * sr)
+        audio = F.pad(audio, (0, max(0, end - audio.numel())))
+        w0, w1 = max(0, round((mask_start - boundary) * sr)), min(audio.numel(), end + round(boundary * sr))
+        window = audio[w0:w1].to(self.device)
+        window = F.pad(window, (0, -window.numel() % self.hop))[None, None]  # (1, 1, T) whole latent frames
+        with self._autocast():
+            gt = self.vae.encode(window, generator=torch.Generator(self.device).manual_seed(seed)).float()
+        frames = torch.arange(gt.shape[-1], device=self.device)
+        f0, f1 = round((mask_start * sr - w0) / self.hop), round((end - w0) / self.hop)
+        mask = ((frames >= f0) & (frames < f1))[None, None]  # (1, 1, L), True = regenerate
+        latents = self._sample([prompt], negative, guidance, seed, steps=steps, rescale=rescale, eta=eta,
+                               gt=gt, mask=mask, progress=progress)
+        with self._autocast():
+            decoded = self.vae.decode(latents).float()[0, 0, : w1 - w0].cpu()
+        audio[w0:w1] = decoded
+        return audio
