@@ -596,6 +596,11 @@ class Diffusion(nn.Module):
         a, s = self._coefficients(t, x0.ndim)
         return a * noise - s * x0
 
+    def x0_and_eps(self, x, v, t):
+        """Clean sample and noise read off a noisy sample and its velocity (the v-parameterisation is a rotation)."""
+        a, s = self._coefficients(t, x.ndim)
+        return a * x - s * v, a * v + s * x
+
     def timesteps(self, steps):
         """The "trailing" schedule of Lin et al. (2024, Table 2): starts at T-1, so sampling begins at pure noise."""
         T = self.num_train_timesteps
@@ -607,8 +612,7 @@ class Diffusion(nn.Module):
         t_prev = t - self.num_train_timesteps // steps
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(a_t)
-        x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * v
-        eps = a_t.sqrt() * v + (1 - a_t).sqrt() * x
+        x0, eps = self.x0_and_eps(x, v, t)
         std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         # 1 - abar_prev - std^2 is 0 in exact arithmetic at the first step with eta = 1; float32 can dip below it
         x_prev = a_prev.sqrt() * x0 + (1 - a_prev - std ** 2).clamp(min=0).sqrt() * eps
