@@ -6,6 +6,7 @@ The paper trains on AudioSet (stage 1, no captions), CLAP-filtered synthetic cap
 """
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -48,15 +49,748 @@ def resample(audio, sr_in, sr_out, zero_crossings=16, rolloff=0.99):
 def read_audio(path, sample_rate):
     """A file as mono float32 (T,) at `sample_rate`: channels averaged, resampled when its rate differs."""
     import soundfile as sf
+    if not os.path.isfile(path):  # libsndfile would call it a "System error"
+        raise AudioError(f"{path}: no such file")
     try:
         audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except FileNotFoundError:
-        raise AudioError(f"{path}: no such file") from None
     except Exception as e:
         raise AudioError(f"{path}: not a readable audio file ({str(e).splitlines()[0][:120]})") from None
     if audio.shape[0] == 0:
         raise AudioError(f"{path}: the file holds no audio")
     return resample(torch.from_numpy(np.ascontiguousarray(audio.mean(1))), sr, sample_rate)
+
+
+# -----------------------------------------------------------------------------
+# The toy world: captioned sounds that a CPU learns in minutes and a program can check
+#
+# Clips of 2 s at 16 kHz, peak 0.5, silence between events, of 21 kinds: "{count} {pitch} {timbre}" tones
+# (one/two/three; low 220-280 Hz, middle 440-560 Hz, high 880-1120 Hz; beep = sine, buzz = band-limited
+# square), "a rising whistle" / "a falling whistle" (a sine glide between 300 and 1200 Hz) and "a burst of noise".
+# A sound is described by its facts, a dict: kind ("tone", "whistle", "noise"), and count, pitch, timbre for
+# tones or direction for whistles. `measure_toy` reads the facts back from audio, so generated clips can be scored.
+
+TOY_SAMPLE_RATE, TOY_SECONDS, TOY_PEAK = 16000, 2.0, 0.5
+TOY_COUNTS = {"one": 1, "two": 2, "three": 3}
+TOY_PITCHES = {"low": (220.0, 280.0), "middle": (440.0, 560.0), "high": (880.0, 1120.0)}  # fundamental, Hz
+TOY_PLURALS = {"beep": "beeps", "buzz": "buzzes"}
+TOY_PROPERTIES = ("kind", "count", "pitch", "timbre", "direction")
+TOY_CLASSES = ([{"kind": "tone", "count": c, "pitch": p, "timbre": t}
+                for c in TOY_COUNTS.values() for p in TOY_PITCHES for t in TOY_PLURALS]
+               + [{"kind": "whistle", "direction": d} for d in ("rising", "falling")] + [{"kind": "noise"}])
+TOY_TIMES = {1: "once", 2: "twice", 3: "three times"}
+TOY_PARAPHRASES = {  # besides the canonical caption; {times} is once / twice / three times
+    "tone": ("{pitch} {timbre}, {times}", "a {pitch}-pitched {timbre} {times}", "{times}, a {pitch} {timbre}"),
+    "whistle": ("a whistle {goes}", "a {direction} whistling tone"),
+    "noise": ("a short noise burst", "white noise"),
+}
+
+
+def toy_caption(facts):
+    """The canonical caption: "two high beeps", "one low buzz", "a rising whistle", "a burst of noise"."""
+    if facts["kind"] == "tone":
+        word = {v: k for k, v in TOY_COUNTS.items()}[facts["count"]]
+        timbre = facts["timbre"] if facts["count"] == 1 else TOY_PLURALS[facts["timbre"]]
+        return f"{word} {facts['pitch']} {timbre}"
+    return f"a {facts['direction']} whistle" if facts["kind"] == "whistle" else "a burst of noise"
+
+
+TOY_CAPTIONS = [toy_caption(f) for f in TOY_CLASSES]
+
+
+def toy_paraphrase(facts, rng):
+    """One of a few other phrasings of the same facts, picked by the numpy Generator `rng`."""
+    template = TOY_PARAPHRASES[facts["kind"]][rng.integers(len(TOY_PARAPHRASES[facts["kind"]]))]
+    return template.format(times=TOY_TIMES.get(facts.get("count")), pitch=facts.get("pitch"),
+                           timbre=facts.get("timbre"), direction=facts.get("direction"),
+                           goes="going up" if facts.get("direction") == "rising" else "going down")
+
+
+def parse_toy_caption(caption):
+    """The facts a caption states (canonical or paraphrased), read from its words; None for a caption that
+    names no toy sound."""
+    words = set(caption.lower().replace("-", " ").replace("_", " ").replace(",", " ").split())
+    if "noise" in words:
+        return {"kind": "noise"}
+    if words & {"whistle", "whistling", "whistles"}:
+        rising, falling = words & {"rising", "up", "rises"}, words & {"falling", "down", "falls"}
+        return {"kind": "whistle", "direction": "rising" if rising else "falling" if falling else None}
+    if not words & {"beep", "beeps", "buzz", "buzzes", "tone", "tones"}:
+        return None
+    timbre = "beep" if words & {"beep", "beeps"} else "buzz" if words & {"buzz", "buzzes"} else None
+    count = next((n for w, n in {**TOY_COUNTS, "once": 1, "twice": 2}.items() if w in words), None)
+    pitch = next((p for p in TOY_PITCHES if p in words), None)
+    return {"kind": "tone", "count": count, "pitch": pitch, "timbre": timbre}
+
+
+def _fade(n, sr):
+    """A gain curve of n samples with 10 ms raised-cosine fades in and out."""
+    ramp = np.sin(np.linspace(0, np.pi / 2, int(0.01 * sr))) ** 2
+    gain = np.ones(n)
+    gain[: len(ramp)], gain[n - len(ramp):] = ramp, ramp[::-1]
+    return gain
+
+
+def _place(durations, gap, total, rng, margin=0.05):
+    """Random start times (s) for events of the given durations, in order, at least `gap` s apart, inside
+    [margin, total - margin]."""
+    slack = total - 2 * margin - sum(durations) - gap * (len(durations) - 1)
+    offsets = np.sort(rng.uniform(0, slack, len(durations)))
+    before = np.concatenate([[0.0], np.cumsum(np.asarray(durations[:-1]) + gap)])
+    return margin + offsets + before
+
+
+def render_toy(facts, rng, sr=TOY_SAMPLE_RATE):
+    """One clip (T,) float32 of the sound the facts describe; all randomness comes from numpy Generator `rng`."""
+    audio = np.zeros(int(TOY_SECONDS * sr))
+    if facts["kind"] == "tone":
+        f0 = rng.uniform(*TOY_PITCHES[facts["pitch"]])
+        # a square wave is the odd harmonics at 1/k; only those below 7.2 kHz, so that nothing aliases
+        harmonics = np.arange(1, int(0.45 * sr / f0) + 1, 2) if facts["timbre"] == "buzz" else np.ones(1)
+        durations = list(rng.uniform(0.2, 0.3, facts["count"]))
+        events = []
+        for d in durations:
+            t = np.arange(int(d * sr)) / sr
+            events.append((np.sin(2 * np.pi * f0 * harmonics[:, None] * t) / harmonics[:, None]).sum(0))
+    elif facts["kind"] == "whistle":
+        d = rng.uniform(0.8, 1.5)
+        lo, hi = rng.uniform(300, 400), rng.uniform(900, 1200)
+        f_start, f_end = (lo, hi) if facts["direction"] == "rising" else (hi, lo)
+        t = np.arange(int(d * sr)) / sr
+        k = math.log(f_end / f_start) / d  # an exponential glide: f(t) = f_start e^(k t), phase its integral
+        durations, events = [d], [np.sin(2 * np.pi * f_start * np.expm1(k * t) / k)]
+    else:
+        d = rng.uniform(0.3, 1.0)
+        durations, events = [d], [rng.standard_normal(int(d * sr))]
+    for start, event in zip(_place(durations, 0.15, TOY_SECONDS, rng), events):
+        i = int(start * sr)
+        audio[i: i + len(event)] = event * _fade(len(event), sr)
+    return (audio * (TOY_PEAK / np.abs(audio).max())).astype(np.float32)
+
+
+def measure_toy(audio, sr=TOY_SAMPLE_RATE):
+    """The facts a program hears in a clip (T,): events are runs of frames within 12 dB of the loudest frame;
+    noise is a flat spectrum; a whistle's pitch moves more than half an octave, a tone's does not; the pitch is
+    the strongest frequency; a buzz has odd harmonics within about 13 dB of its fundamental."""
+    audio = np.asarray(audio, dtype=np.float64)
+    n_fft, hop = 1024, sr // 100  # 64 ms windows, 10 ms hops
+    frames = np.lib.stride_tricks.sliding_window_view(np.pad(audio, n_fft // 2), n_fft)[::hop]
+    power = np.abs(np.fft.rfft(frames * np.hanning(n_fft), axis=-1)) ** 2  # (N, F)
+    freqs = np.fft.rfftfreq(n_fft, 1 / sr)
+    band = (freqs >= 100) & (freqs <= 7000)  # every toy sound lies here; a decoder's hum or DC offset does not
+    energy = power[:, band].sum(1)
+    if energy.max() <= 1e-10:
+        return {"kind": None}
+    active = energy > energy.max() * 10 ** -1.2
+    # events: runs of active frames, bridging dips under 50 ms and dropping blips under 40 ms
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], active.astype(int), [0]])))
+    runs = [[a, b] for a, b in zip(edges[::2], edges[1::2])]
+    merged = [runs[0]]
+    for a, b in runs[1:]:
+        if a - merged[-1][1] < 5:
+            merged[-1][1] = b
+        else:
+            merged.append([a, b])
+    events = [(a, b) for a, b in merged if b - a >= 4] or merged
+    p = power[active][:, band] + 1e-12
+    flatness = np.exp(np.log(p).mean(1)) / p.mean(1)
+    if np.median(flatness) > 0.05:
+        return {"kind": "noise"}
+    a, b = max(events, key=lambda e: e[1] - e[0])
+    voiced = (freqs >= 150) & (freqs <= 4000)
+    track = np.log2(freqs[voiced][power[a:b, voiced].argmax(1)])[2: max(3, b - a - 2)]  # edges smeared
+    quarter = max(1, len(track) // 4)
+    glide = np.median(track[-quarter:]) - np.median(track[:quarter])  # octaves
+    if abs(glide) > 0.5:
+        return {"kind": "whistle", "direction": "rising" if glide > 0 else "falling"}
+    spectrum = power[active].mean(0)
+    pitched = (freqs >= 150) & (freqs <= 2000)
+    f0 = freqs[pitched][spectrum[pitched].argmax()]
+    near = lambda f: spectrum[np.abs(freqs - f) <= max(2 * sr / n_fft, 0.03 * f)].sum()
+    odd = sum(near(k * f0) for k in (3, 5, 7, 9) if k * f0 < 0.47 * sr)
+    return {"kind": "tone", "count": len(events),
+            "pitch": "low" if f0 < 350 else "middle" if f0 < 700 else "high",
+            "timbre": "buzz" if odd > 0.05 * near(f0) else "beep"}
+
+
+def score_toy(pairs):
+    """Per-property accuracy of (caption, measured facts) pairs: {property: (correct, total)}, each property
+    counted over the clips whose caption states it."""
+    tally = {p: [0, 0] for p in TOY_PROPERTIES}
+    for caption, heard in pairs:
+        for prop, value in (parse_toy_caption(caption) or {}).items():
+            if value is not None:
+                tally[prop][0] += heard.get(prop) == value
+                tally[prop][1] += 1
+    return {p: tuple(v) for p, v in tally.items() if v[1]}
+
+
+def degrade_toy_caption(facts, rng):
+    """A stand-in for the paper's synthetic captions (stage 2): each stated fact is kept (75%), dropped (15%) or
+    swapped for a wrong value (10%). Returns the caption and a CLAP-like similarity, 0.15 + 0.5 (kept - 2 wrong) /
+    facts, give or take 0.05, so that the paper's filter at 0.40 keeps captions with at most one fact missing
+    (two of a tone's four, kind included, at the margin) and removes every caption that says something wrong."""
+    options = {"count": list(TOY_COUNTS.values()), "pitch": list(TOY_PITCHES), "timbre": list(TOY_PLURALS),
+               "direction": ["rising", "falling"]}
+    said, kept, wrong = dict(facts), 1, 0  # the kind is always named
+    for prop in [p for p in facts if p != "kind"]:
+        fate = rng.choice(3, p=[0.75, 0.15, 0.10])
+        if fate == 1:
+            said[prop] = None
+        elif fate == 2:
+            said[prop] = rng.choice([v for v in options[prop] if v != facts[prop]]).item()
+        kept, wrong = kept + (fate == 0), wrong + (fate == 2)
+    if facts["kind"] == "tone":
+        plural = said["count"] != 1
+        noun = {None: "tones" if plural else "tone", **(TOY_PLURALS if plural else {t: t for t in TOY_PLURALS})}
+        words = [{v: k for k, v in TOY_COUNTS.items()}.get(said["count"]), said["pitch"], noun[said["timbre"]]]
+        caption = " ".join(w for w in words if w)
+    elif facts["kind"] == "whistle":
+        caption = f"a {said['direction']} whistle" if said["direction"] else "a whistle"
+    else:
+        caption = toy_caption(facts)
+    score = 0.15 + 0.5 * (kept - 2 * wrong) / len(facts) + rng.uniform(-0.05, 0.05)
+    return caption, round(float(np.clip(score, 0, 1)), 3)
+
+
+def toy_text_encoder(seed=0):
+    """The toy's text encoder: a small random T5 over ByT5's bytes, frozen like FLAN-T5 in the paper, so that it
+    needs no download; train.py stores it inside the checkpoint."""
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    from ezaudio import TextEncoder
+    cfg = T5Config(vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                   feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = T5EncoderModel(cfg)
+    return TextEncoder(ByT5Tokenizer(), model, max_length=40)
+
+
+def write_toy(out, n_train, n_test, seed=0, paraphrase_prob=0.3):
+    """Render the toy world into `out`: audio/{split}_{i}.wav (16-bit, 16 kHz), manifest.csv (audio_path, caption,
+    split; classes in turn, captions canonical or paraphrased) and stage2.csv (the train clips again, with
+    degraded captions and a clap_score column). Every clip depends only on (seed, split, index)."""
+    import soundfile as sf
+    from tqdm import tqdm
+    os.makedirs(os.path.join(out, "audio"), exist_ok=True)
+    rows, stage2 = [], []
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in tqdm(range(n), desc=f"toy {split}", leave=False):
+            facts = TOY_CLASSES[i % len(TOY_CLASSES)]
+            rng = np.random.default_rng([seed, split == "test", i])
+            path = f"audio/{split}_{i:05d}.wav"
+            sf.write(os.path.join(out, path), render_toy(facts, rng), TOY_SAMPLE_RATE, subtype="PCM_16")
+            caption = toy_paraphrase(facts, rng) if rng.random() < paraphrase_prob else toy_caption(facts)
+            rows.append({"audio_path": path, "caption": caption, "split": split})
+            if split == "train":
+                caption, clap = degrade_toy_caption(facts, rng)
+                stage2.append({"audio_path": path, "caption": caption, "split": split, "clap_score": clap})
+    write_manifest(rows, os.path.join(out, "manifest.csv"))
+    write_manifest(stage2, os.path.join(out, "stage2.csv"))
+
+
+def toy_score_folder(folder, split=None):
+    """Score the WAVs of `folder`: captions from its manifest.csv (rows of `split` only, when given), or, without
+    one, from the file names ("two_high_beeps_s0.wav", as sample.py names them). Returns score_toy's
+    {property: (correct, total)}."""
+    from pathlib import Path
+    folder = Path(folder)
+    if (folder / "manifest.csv").is_file():
+        items = [(r["path"], r["caption"]) for r in read_manifest(folder / "manifest.csv", split=split, captions=True)]
+    else:
+        items = [(p, p.stem) for p in sorted(folder.glob("*.wav"))]
+    if not items:
+        raise ValueError(f"{folder}: no clips to score; give a folder of WAVs, with a manifest.csv or with "
+                         "captions as file names")
+    return score_toy((caption, measure_toy(read_audio(path, TOY_SAMPLE_RATE).numpy())) for path, caption in items)
+
+
+def pack_checkpoint(path, out):
+    """One file that samples with no other: a DiT-stage checkpoint's DiT (its EMA when it kept one), the VAE that
+    its config names and its embedded text encoder, in half precision, without the training state. This is how
+    assets/toy.pt was made; loading casts the weights back to float32."""
+    import ezaudio as E
+    try:
+        ckpt = E.load_file(path)
+        if not E.is_project_checkpoint(ckpt) or ckpt["config"].get("dit") is None:
+            raise E.CheckpointError(f"{path}: not a DiT-stage checkpoint of train.py")
+        vae = ckpt["vae"] or E.load_file(ckpt["config"]["vae_path"])["vae"]
+    except E.CheckpointError as e:
+        raise ValueError(str(e)) from None
+    half = lambda state: {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    text = ckpt["text_encoder"] and {**ckpt["text_encoder"], "state_dict": half(ckpt["text_encoder"]["state_dict"])}
+    save_atomic({"format": "ezaudio", "stage": ckpt["stage"], "step": ckpt["step"],
+                 "config": {**ckpt["config"], "vae_path": None}, "model": half(ckpt["ema"] or ckpt["model"]),
+                 "ema": None, "vae": half(vae), "text_encoder": text}, out)
+
+
+def format_toy_scores(scores):
+    lines = [f"{'property':<10} {'clips':>6} {'accuracy':>9}"]
+    lines += [f"{p:<10} {n:>6} {100 * c / n:>8.1f}%" for p, (c, n) in scores.items()]
+    return "\n".join(lines)
+
+
+def _toy_commands(sub):
+    p = sub.add_parser("toy", help="write the toy world: WAVs, manifest.csv and stage2.csv")
+    p.add_argument("--out", required=True, help="folder to write into")
+    p.add_argument("--train", type=int, default=4200, help="number of training clips (classes take turns)")
+    p.add_argument("--test", type=int, default=210, help="number of test clips")
+    p.add_argument("--seed", type=int, default=0, help="seed of the world: the same seed writes the same clips")
+    p.set_defaults(run=lambda a: write_toy(a.out, a.train, a.test, a.seed))
+    p = sub.add_parser("toy-score", help="measure toy clips and print per-property accuracy against their captions")
+    p.add_argument("folder", help="folder of WAVs with a manifest.csv, or with captions as file names")
+    p.add_argument("--split", default=None, help="score only the manifest rows of this split (e.g. test)")
+    p.set_defaults(run=lambda a: print(format_toy_scores(toy_score_folder(a.folder, a.split))))
+    p = sub.add_parser("toy-pack", help="pack a trained checkpoint, its VAE and text encoder into one fp16 file")
+    p.add_argument("--ckpt", required=True, help="checkpoint of a DiT stage (e.g. runs/toy3/ckpt.pt)")
+    p.add_argument("--out", required=True, help="file to write (e.g. assets/toy.pt)")
+    p.set_defaults(run=lambda a: pack_checkpoint(a.ckpt, a.out))
+
+
+COMMANDS.append(_toy_commands)
+
+
+# -----------------------------------------------------------------------------
+# Manifests: which clips, with which captions
+#
+# A CSV in the published layout (audio_path, caption, split, and clap_score once scored) or JSON Lines with the
+# same keys, one object a line. Relative audio paths are read from a data root (default: the manifest's folder).
+# Stage 1 needs only audio_path; stages 2 and 3 need captions; stage 2 keeps the rows whose CLAP score reaches
+# 0.40 (paper Sec. III).
+
+SILENT_PEAK = 1e-4  # a file whose samples all stay below this (-80 dBFS) holds nothing to learn from
+
+
+def read_manifest(path, data_root=None, split=None, min_clap=0.0, captions=False):
+    """The manifest's rows as dicts, each with its own columns plus `path` (the audio file, resolved) and `row`
+    (1-based). Keeps the rows of `split` when the manifest has a split column, and, when min_clap > 0, those whose
+    clap_score reaches it. `captions`: every row must have a caption column (stages 2 and 3)."""
+    import csv
+    import json
+    from pathlib import Path
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such manifest")
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                rows += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}:{n}: not JSON; a JSON Lines manifest holds one object a line") from None
+    else:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path}: the manifest has no rows")
+    for column, needed in (("audio_path", True), ("caption", captions), ("clap_score", min_clap > 0)):
+        if needed and any(column not in r for r in rows):
+            hint = "; score it with `python data.py clap` or pass --min-clap 0" if column == "clap_score" else ""
+            raise ValueError(f"{path}: the manifest has no {column} column{hint}")
+    root = Path(data_root) if data_root else path.parent
+    rows = [{**r, "path": str(root / r["audio_path"]), "row": n} for n, r in enumerate(rows, 1)]
+    if split and any("split" in r for r in rows):
+        rows = [r for r in rows if r.get("split") == split]
+    if min_clap > 0:
+        rows = [r for r in rows if r["clap_score"] not in (None, "") and float(r["clap_score"]) >= min_clap]
+    if not rows:
+        raise ValueError(f"{path}: no rows left" + (f" of split {split!r}" if split else "")
+                         + (f" with clap_score >= {min_clap}" if min_clap > 0 else ""))
+    return rows
+
+
+def write_manifest(rows, path):
+    """Rows (dicts) to a CSV, or JSON Lines when `path` ends in .jsonl, atomically; `path` and `row` are left out."""
+    import csv
+    import json
+    rows = [{k: v for k, v in r.items() if k not in ("path", "row")} for r in rows]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        if str(path).endswith(".jsonl"):
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        else:
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+            writer.writeheader()
+            writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def load_clip(path, sample_rate):
+    """read_audio, refusing missing and silent files as well. (T,)"""
+    if not os.path.isfile(path):
+        raise AudioError(f"{path}: no such file")
+    audio = read_audio(path, sample_rate)
+    if audio.abs().max() < SILENT_PEAK:
+        raise AudioError(f"{path}: silent (every sample below -80 dBFS)")
+    return audio
+
+
+def check_manifest(rows, sample_rate):
+    """(row, message) for every row whose audio is missing, unreadable, empty or silent."""
+    from tqdm import tqdm
+    bad = []
+    for r in tqdm(rows, desc="checking", unit="clip", leave=False):
+        try:
+            load_clip(r["path"], sample_rate)
+        except AudioError as e:
+            bad.append((r["row"], str(e)))
+    return bad
+
+
+def _check_command(sub):
+    p = sub.add_parser("check", help="list the manifest rows whose audio is missing, unreadable, empty or silent")
+    p.add_argument("--manifest", required=True, help="CSV (audio_path,caption,split[,clap_score]) or .jsonl")
+    p.add_argument("--data-root", default=None, help="folder that relative audio paths start from "
+                                                     "(default: the manifest's folder)")
+    p.add_argument("--sample-rate", type=int, default=24000, help="rate the audio is read at, as training does")
+
+    def run(a):
+        rows = read_manifest(a.manifest, a.data_root)
+        bad = check_manifest(rows, a.sample_rate)
+        for row, message in bad:
+            print(f"row {row}: {message}")
+        print(f"{len(bad)} of {len(rows)} rows unusable" + (" (training skips them)" if bad else ""))
+        if bad:
+            raise SystemExit(1)
+    p.set_defaults(run=run)
+
+
+COMMANDS.append(_check_command)
+
+
+# -----------------------------------------------------------------------------
+# Datasets: clips for training, read as the published data pipeline reads them
+#
+# Every random choice of an item (crop, polarity) comes from a generator seeded with (seed, epoch, index), and the
+# sampler's order from (seed, epoch): a run resumed mid-epoch sees exactly the clips an uninterrupted one would,
+# with any number of loader workers.
+
+
+def item_generator(seed, epoch, index):
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + index)
+
+
+def fit_clip(audio, length, generator=None):
+    """A `length`-sample window of `audio` (T,): random when a generator is given, else the start; zero-padded
+    at the end when shorter; peak-normalised. (length,)"""
+    if audio.numel() > length:
+        start = 0 if generator is None else int(torch.randint(audio.numel() - length + 1, (), generator=generator))
+        audio = audio[start:start + length]
+    audio = F.pad(audio, (0, length - audio.numel()))
+    return audio / audio.abs().max().clamp(min=SILENT_PEAK)
+
+
+class Clips(torch.utils.data.Dataset):
+    """Manifest rows as training items. A row that cannot be loaded (AudioError) is replaced by the next one
+    that can, and reported in the item's `skipped` as (row, message), so that training never stops for a bad
+    file and every batch keeps its size. Subclasses define `load(row, generator) -> dict`."""
+
+    def __init__(self, rows, seed=0):
+        self.rows, self.seed, self.epoch = rows, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        generator, skipped = item_generator(self.seed, self.epoch, index), []
+        for k in range(len(self.rows)):
+            row = self.rows[(index + k) % len(self.rows)]
+            try:
+                item = self.load(row, generator)
+            except AudioError as e:
+                skipped.append((row["row"], str(e)))
+                continue
+            return {**item, "caption": row.get("caption") or "", "skipped": skipped}
+        raise AudioError("no row of the manifest can be loaded; see `python data.py check --manifest ...`")
+
+
+class AudioClips(Clips):
+    """Waveforms: mono at `sample_rate`, a random `length`-sample window (zero-padded when shorter),
+    peak-normalised, and polarity-flipped with probability `flip`, as the published data pipeline does."""
+
+    def __init__(self, rows, sample_rate, length, seed=0, flip=0.5):
+        super().__init__(rows, seed)
+        self.sample_rate, self.length, self.flip = sample_rate, length, flip
+
+    def load(self, row, generator):
+        audio = fit_clip(load_clip(row["path"], self.sample_rate), self.length, generator)
+        if float(torch.rand((), generator=generator)) < self.flip:
+            audio = -audio
+        return {"audio": audio}
+
+
+def collate(items):
+    """Items to a batch: audio (B, T) or cached posteriors (B, C, L), captions, cached contexts as a list (their
+    lengths differ), and every skipped row."""
+    batch = {"caption": [it["caption"] for it in items], "skipped": [s for it in items for s in it["skipped"]]}
+    for key in ("audio", "mean", "std"):
+        if key in items[0]:
+            batch[key] = torch.stack([it[key] for it in items])
+    if "context" in items[0]:
+        batch["context"] = [it["context"] for it in items]
+    return batch
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """This process's share of a fresh permutation each epoch (the ranks take turns through it, the tail wrapped
+    around so that all get as many), from position `start` on, to resume mid-epoch."""
+
+    def __init__(self, n, rank=0, world_size=1, seed=0, epoch=0, start=0):
+        self.n, self.rank, self.world, self.seed, self.epoch, self.start = n, rank, world_size, seed, epoch, start
+
+    def shard(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        order = torch.cat([order, order[: -self.n % self.world]]) if self.n % self.world else order
+        return order[self.rank::self.world]
+
+    def __iter__(self):
+        return iter(self.shard()[self.start:].tolist())
+
+    def __len__(self):
+        return max(0, math.ceil(self.n / self.world) - self.start)
+
+
+# -----------------------------------------------------------------------------
+# The latent cache: VAE posteriors and T5 outputs computed once, so that training skips both encoders
+#
+# One file per clip, named by a hash of its audio path and caption, holding the posterior's mean and std (so that
+# training still samples latents) of the clip's first `seconds`, read as training reads it but unflipped, and the
+# caption's T5 output over its real tokens (the mask is all True up to that length). meta.pt records the VAE, the
+# text encoder, the empty caption's T5 output (for classifier-free guidance dropout) and the shapes.
+
+
+def load_vae(path=None, cfg=None):
+    """A frozen VAE: a released-format file, built with the VAEConfig `cfg` (default: the released one), or one
+    of this project's checkpoints holding a VAE (which carries its config); None fetches the released VAE.
+    Returns (vae, path)."""
+    import ezaudio as E
+    path = os.path.abspath(path) if path else E.hub_file(E.RELEASED_VAE, "--vae")
+    vae = E.vae_from_checkpoint(E.load_file(path), cfg, path)
+    return vae.eval().requires_grad_(False).fold_weight_norm(), path
+
+
+def embedded_text_encoder(text_encoder):
+    """TextEncoder.state() for encoders that checkpoints carry inside (ByT5-tokenised ones, such as the toy's,
+    which need no files), else None: those are loaded by name."""
+    from transformers import ByT5Tokenizer
+    return text_encoder.state() if isinstance(text_encoder.tokenizer, ByT5Tokenizer) else None
+
+
+def cache_key(row):
+    import hashlib
+    return hashlib.sha1(f"{row['audio_path']}\0{row.get('caption') or ''}".encode()).hexdigest()[:20]
+
+
+def stack_contexts(contexts):
+    """Contexts of different lengths (n_i, D) -> context (B, max n, D) zero-padded, and mask (B, max n) bool."""
+    n = max(len(c) for c in contexts)
+    context = torch.stack([F.pad(c, (0, 0, 0, n - len(c))) for c in contexts])
+    mask = torch.arange(n)[None] < torch.tensor([len(c) for c in contexts])[:, None]
+    return context, mask
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class CachedClips(Clips):
+    """Items from a cache folder: the posterior's mean and std (C, L), a random `frames`-frame window when the
+    cache holds more, and the caption's T5 output (n, D) when the cache has one."""
+
+    def __init__(self, rows, folder, frames, seed=0):
+        super().__init__(rows, seed)
+        self.folder, self.frames = folder, frames
+        self.meta = read_cache_meta(folder)
+        if self.meta["frames"] < frames:
+            raise ValueError(f"{folder} holds {self.meta['frames']}-frame clips, shorter than the {frames} frames "
+                             "a training segment needs; lower --segment or cache with a longer --segment")
+
+    def load(self, row, generator):
+        path = os.path.join(self.folder, cache_key(row) + ".pt")
+        if not os.path.isfile(path):
+            raise AudioError(f"{row['path']}: not in the cache {self.folder}; run `python data.py cache` on this "
+                             "manifest (it resumes)")
+        item = torch.load(path, weights_only=True)
+        start = int(torch.randint(self.meta["frames"] - self.frames + 1, (), generator=generator))
+        out = {k: item[k][:, start:start + self.frames].float() for k in ("mean", "std")}
+        if item.get("context") is not None:
+            out["context"] = item["context"].float()
+        return out
+
+
+def read_cache_meta(folder):
+    path = os.path.join(folder, "meta.pt")
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder}: not a latent cache (no meta.pt); make one with `python data.py cache`")
+    return torch.load(path, weights_only=True)
+
+
+def build_cache(rows, folder, vae, vae_path, text_encoder=None, text_encoder_name=None, seconds=10.0,
+                batch_size=8, workers=4, dtype=torch.float16):
+    """Encode every row not yet in `folder` (an interrupted run resumes); returns the rows that failed, as
+    (row, message). A progress bar shows clips/s."""
+    from dataclasses import asdict
+    from tqdm import tqdm
+    device = next(vae.parameters()).device
+    sr, hop = vae.cfg.sample_rate, vae.cfg.hop
+    frames = max(1, round(seconds * sr / hop))
+    meta = {"format": "ezaudio-cache", "vae_path": vae_path, "vae": asdict(vae.cfg), "frames": frames,
+            "text_encoder": text_encoder_name, "text_encoder_state": None, "empty": None}
+    if text_encoder is not None:
+        meta["text_encoder_state"] = embedded_text_encoder(text_encoder)
+        meta["text_encoder"] = None if meta["text_encoder_state"] else text_encoder_name
+        context, mask = text_encoder([""])
+        meta["empty"] = context[0, : int(mask.sum())].to(dtype).cpu()
+    os.makedirs(folder, exist_ok=True)
+    if os.path.isfile(os.path.join(folder, "meta.pt")):
+        old = read_cache_meta(folder)
+        same = ("vae_path", "vae", "frames", "text_encoder")
+        if any(old[k] != meta[k] for k in same):
+            raise ValueError(f"{folder} was made with other settings ({', '.join(f'{k}={old[k]}' for k in same)});"
+                             " pass another --out")
+    else:
+        save_atomic(meta, os.path.join(folder, "meta.pt"))
+    todo = [r for r in rows if not os.path.isfile(os.path.join(folder, cache_key(r) + ".pt"))]
+    # unflipped and from the start of the clip: the cache holds one deterministic view of each clip
+    reader = _StartOfClip(todo, sr, frames * hop)
+    loader = torch.utils.data.DataLoader(reader, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=list)
+    failed = []
+    with tqdm(total=len(rows), initial=len(rows) - len(todo), desc="caching", unit="clip") as bar:
+        for items in loader:
+            failed += [(it["row"]["row"], it["error"]) for it in items if "error" in it]
+            good = [it for it in items if "error" not in it]
+            bar.update(len(items) - len(good))
+            if not good:
+                continue
+            with torch.no_grad():
+                mean, std = vae.posterior(torch.stack([it["audio"] for it in good])[:, None].to(device))
+                if text_encoder is not None:
+                    context, mask = text_encoder([it["row"].get("caption") or "" for it in good])
+            for i, it in enumerate(good):
+                entry = {"mean": mean[i].to(dtype).cpu(), "std": std[i].to(dtype).cpu(), "context": None}
+                if text_encoder is not None:
+                    entry["context"] = context[i, : int(mask[i].sum())].to(dtype).cpu()
+                save_atomic(entry, os.path.join(folder, cache_key(it["row"]) + ".pt"))
+                bar.update(1)
+    return failed
+
+
+class _StartOfClip(torch.utils.data.Dataset):
+    def __init__(self, rows, sample_rate, length):
+        self.rows, self.sample_rate, self.length = rows, sample_rate, length
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        try:
+            return {"row": self.rows[i], "audio": fit_clip(load_clip(self.rows[i]["path"], self.sample_rate),
+                                                           self.length)}
+        except AudioError as e:
+            return {"row": self.rows[i], "error": str(e)}
+
+
+def _cache_command(sub):
+    p = sub.add_parser("cache", help="store each clip's VAE posterior and T5 output, so training skips both")
+    p.add_argument("--manifest", required=True, help="CSV (audio_path,caption,split[,clap_score]) or .jsonl")
+    p.add_argument("--data-root", default=None, help="folder that relative audio paths start from "
+                                                     "(default: the manifest's folder)")
+    p.add_argument("--out", required=True, help="cache folder; an interrupted run resumes into it")
+    p.add_argument("--vae", default=None, help="VAE file: released format or a VAE-stage checkpoint "
+                                               "(default: the released VAE, downloaded)")
+    p.add_argument("--vae-config", default="released", help="VAE preset of a released-format --vae file")
+    p.add_argument("--text-encoder", default=None, help="T5 hub name or folder whose outputs to store for the "
+                                                        "captions (e.g. google/flan-t5-xl); none: latents only")
+    p.add_argument("--segment", type=float, default=10.0, help="seconds stored per clip, from its start")
+    p.add_argument("--batch-size", type=int, default=8, help="clips encoded at once")
+    p.add_argument("--workers", type=int, default=4, help="processes reading audio")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                   help="storage precision (float16 halves the disk)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+
+    def run(a):
+        import ezaudio as E
+        device = a.device or E.default_device()
+        if a.vae_config not in E.VAE_PRESETS:
+            raise ValueError(f"unknown --vae-config {a.vae_config!r}; choose one of {', '.join(E.VAE_PRESETS)}")
+        try:
+            vae, vae_path = load_vae(a.vae, E.VAE_PRESETS[a.vae_config])
+            text_encoder = E.TextEncoder.from_pretrained(a.text_encoder).to(device) if a.text_encoder else None
+        except E.CheckpointError as e:
+            raise ValueError(str(e)) from None
+        rows = read_manifest(a.manifest, a.data_root, captions=text_encoder is not None)
+        failed = build_cache(rows, a.out, vae.to(device), vae_path, text_encoder, a.text_encoder, a.segment,
+                             a.batch_size, a.workers, getattr(torch, a.dtype))
+        for row, message in failed:
+            print(f"row {row}: {message}")
+        print(f"cached {len(rows) - len(failed)} of {len(rows)} clips in {a.out}"
+              + (f"; {len(failed)} unusable rows skipped" if failed else ""))
+    p.set_defaults(run=run)
+
+
+COMMANDS.append(_cache_command)
+
+
+# -----------------------------------------------------------------------------
+# CLAP scores: how well a caption fits its clip (stage 2 keeps clap_score >= 0.40, paper Sec. III)
+
+
+def clap_scores(rows, model_name="laion/larger_clap_general", batch_size=16, device="cpu"):
+    """Cosine similarity of CLAP's audio and text embeddings (Wu et al., 2023) for each row, None where the audio
+    cannot be loaded."""
+    from tqdm import tqdm
+    from transformers import AutoFeatureExtractor, AutoTokenizer, ClapModel
+    try:
+        model = ClapModel.from_pretrained(model_name).to(device).eval()
+        tokenizer, features = AutoTokenizer.from_pretrained(model_name), AutoFeatureExtractor.from_pretrained(model_name)
+    except OSError as e:
+        raise ValueError(f"cannot load the CLAP model {model_name!r} ({str(e).splitlines()[0][:160]}); connect "
+                         "once to download it, or pass a local folder with --model") from None
+    scores = []
+    for i in tqdm(range(0, len(rows), batch_size), desc="CLAP", unit="batch"):
+        chunk, audio, sims = rows[i:i + batch_size], {}, {}
+        for j, r in enumerate(chunk):
+            try:
+                audio[j] = load_clip(r["path"], features.sampling_rate).numpy()
+            except AudioError as e:
+                print(f"row {r['row']}: {e}")
+        if audio:
+            inputs = features(list(audio.values()), sampling_rate=features.sampling_rate, return_tensors="pt")
+            text = tokenizer([chunk[j]["caption"] for j in audio], padding=True, truncation=True, return_tensors="pt")
+            with torch.no_grad():
+                out = model(**text.to(device), **inputs.to(device))
+            sims = dict(zip(audio, (out.text_embeds * out.audio_embeds).sum(-1).tolist()))
+        scores += [sims.get(j) for j in range(len(chunk))]
+    return scores
+
+
+def _clap_command(sub):
+    p = sub.add_parser("clap", help="add a clap_score column: how well each caption fits its audio")
+    p.add_argument("--manifest", required=True, help="CSV (audio_path,caption,split) or .jsonl with captions")
+    p.add_argument("--data-root", default=None, help="folder that relative audio paths start from "
+                                                     "(default: the manifest's folder)")
+    p.add_argument("--out", required=True, help="scored manifest to write (.csv, or .jsonl); unusable rows are left out")
+    p.add_argument("--model", default="laion/larger_clap_general", help="CLAP model: hub name or local folder")
+    p.add_argument("--batch-size", type=int, default=16, help="clips scored at once")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+
+    def run(a):
+        import ezaudio as E
+        rows = read_manifest(a.manifest, a.data_root, captions=True)
+        scores = clap_scores(rows, a.model, a.batch_size, a.device or E.default_device())
+        kept = [{**r, "clap_score": round(s, 4)} for r, s in zip(rows, scores) if s is not None]
+        write_manifest(kept, a.out)
+        print(f"scored {len(kept)} of {len(rows)} rows into {a.out}"
+              + (f"; {len(rows) - len(kept)} unusable rows left out" if len(kept) < len(rows) else ""))
+    p.set_defaults(run=run)
+
+
+COMMANDS.append(_clap_command)
 
 
 # -----------------------------------------------------------------------------

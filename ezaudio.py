@@ -98,10 +98,13 @@ DIT_PRESETS = {
     "L": DiTConfig(dim=1024, depth=24, heads=16, sola_rank=32, sola_alpha=32, context_dim=1024),
     "XL": DiTConfig(dim=1152, depth=28, heads=16, sola_rank=36, sola_alpha=36, context_dim=2048),
     "tiny": DiTConfig(latent_dim=8, dim=64, depth=4, heads=4, sola_rank=4, sola_alpha=8, context_dim=32),
+    # the toy world (data.py), trained on a CPU; its text encoder is data.toy_text_encoder (width 64)
+    "toy": DiTConfig(latent_dim=16, dim=128, depth=4, heads=4, sola_rank=8, sola_alpha=8, context_dim=64),
 }
 VAE_PRESETS = {
     "released": VAEConfig(),
     "tiny": VAEConfig(channels=8, c_mults=(1, 2), strides=(2, 4), latent_dim=8),
+    "toy": VAEConfig(sample_rate=16000, channels=8, c_mults=(1, 2, 4, 8), strides=(2, 4, 4, 10), latent_dim=16),
 }
 
 
@@ -133,12 +136,14 @@ class RotaryEmbedding(nn.Module):
         self._cache = {}
 
     def forward(self, length, device):
-        """cos and sin tables for positions 0..length-1, each (length, head_dim), in float32; cached per length."""
+        """cos and sin tables for positions 0..length-1, each (length, head_dim), in float32; cached per length.
+        RoPE is applied in float32 whatever the model's dtype, so one table serves float32, bf16 and fp16."""
         key = (length, str(device))
         if key not in self._cache:
-            angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)
-            angles = torch.cat([angles, angles], dim=-1)
-            self._cache = {key: (angles.cos(), angles.sin())}  # one length at a time: sampling reuses it every step
+            with torch.inference_mode(False):  # a table first made while sampling must also serve training
+                angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)
+                angles = torch.cat([angles, angles], dim=-1)
+                self._cache = {key: (angles.cos(), angles.sin())}  # one length at a time: sampling reuses it
         return self._cache[key]
 
     def _apply(self, fn, recurse=True):
@@ -181,7 +186,7 @@ class Attention(nn.Module):
         q, k = self.norm_q(q), self.norm_k(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        q, k, v = q.to(v.dtype), k.to(v.dtype), v
+        q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast the LayerNorms and RoPE return float32
         if mask is not None:
             mask = mask[:, None, None, :]  # (B, 1, 1, Lc): broadcast over heads and queries
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -572,6 +577,14 @@ def classifier_free_guidance(v_pos, v_neg, scale, rescale=0.0):
     return v
 
 
+def randn(shape, generator, device):
+    """Gaussian noise (B, ...) from one generator, or from a list of B generators, one per sample, so that a batch
+    draws for each sample exactly what that sample draws alone."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=device) for g in generator])
+    return torch.randn(shape, generator=generator, device=device)
+
+
 class Diffusion(nn.Module):
     """Forward noising, the v-prediction target and the DDIM sampler. A module only so that .to(device) moves the
     schedule; it has no parameters and its state is not saved."""
@@ -622,18 +635,21 @@ class Diffusion(nn.Module):
 
     @torch.inference_mode()
     def sample(self, dit, context, context_mask, neg_context=None, neg_mask=None, *, length=None, steps=100,
-               guidance=5.0, rescale=0.75, eta=1.0, gt=None, mask=None, generator=None, noise=None, progress=False):
+               guidance=5.0, rescale=0.75, eta=1.0, gt=None, mask=None, generator=None, noise=None, batch=1,
+               progress=False):
         """Generate latents (B, C, length) by DDIM from pure noise, guided by the text (classifier-free guidance
         against `neg_context` when given). Editing: pass the known latent `gt` (B, C, L) and `mask` (B, 1 or C, L),
-        True where frames are to be generated; the known frames are copied back at the end.
+        True where frames are to be generated; the known frames are copied back at the end. Without text (a
+        stage-1 model) pass context=None and the `batch` size.
 
         Random numbers come from `generator` in the order of the released pipeline: first the initial noise,
-        then, when eta > 0, one tensor of the same shape at every step."""
+        then, when eta > 0, one tensor of the same shape at every step. A list of generators, one per sample, gives
+        each sample the numbers it would draw alone (see `randn`)."""
         from tqdm import tqdm
         device = self.alphas_cumprod.device
-        B = context.shape[0] if context is not None else gt.shape[0]
+        B = len(context) if context is not None else len(gt) if gt is not None else batch
         shape = (B, dit.cfg.latent_dim, length if gt is None else gt.shape[-1])
-        x = torch.randn(shape, generator=generator, device=device) if noise is None else noise.to(device)
+        x = randn(shape, generator, device) if noise is None else noise.to(device)
         guided = neg_context is not None and guidance != 1
         if guided:  # one forward pass carries both halves: [text; negative text]
             context, context_mask = pad_and_concat(context, context_mask, neg_context, neg_mask)
@@ -646,7 +662,7 @@ class Diffusion(nn.Module):
             v = dit(torch.cat([x, x]) if guided else x, t_batch, context, context_mask, gt, mask).float()
             if guided:
                 v = classifier_free_guidance(*v.chunk(2), guidance, rescale)
-            z = torch.randn(shape, generator=generator, device=device) if eta > 0 else None
+            z = randn(shape, generator, device) if eta > 0 else None
             x = self.step(v, t, x, steps, eta, z)
         if gt is not None:
             x = torch.where(mask[:B], x, gt[:B].float())
@@ -785,6 +801,14 @@ def load_weights(module, state_dict, what="checkpoint"):
     return module
 
 
+def unset_module(cls, cfg):
+    """`cls(cfg)` with its weights allocated on the CPU but not initialised, for load_weights to fill (it checks
+    that every key is there): the random initialisation of the XL DiT alone takes longer than reading its file."""
+    with torch.device("meta"):
+        module = cls(cfg)
+    return module.to_empty(device="cpu")
+
+
 def is_project_checkpoint(ckpt):
     return isinstance(ckpt, dict) and ckpt.get("format") == "ezaudio"
 
@@ -803,7 +827,7 @@ def dit_from_checkpoint(ckpt, cfg=None, name="checkpoint"):
         raise CheckpointError(f"{name}: neither an EzAudio checkpoint nor an ezaudio training checkpoint")
     if cfg is None:
         raise CheckpointError(f"{name}: a released-format DiT checkpoint needs its config (--dit-config)")
-    return load_weights(EzAudioDiT(cfg), state, name)
+    return load_weights(unset_module(EzAudioDiT, cfg), state, name)
 
 
 def vae_from_checkpoint(ckpt, cfg=None, name="checkpoint"):
@@ -816,37 +840,60 @@ def vae_from_checkpoint(ckpt, cfg=None, name="checkpoint"):
         state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     else:
         raise CheckpointError(f"{name}: not a VAE checkpoint (expected 'state_dict' with 'autoencoder.' keys)")
-    return load_weights(WaveformVAE(cfg or VAE_PRESETS["released"]), state, name)
+    return load_weights(unset_module(WaveformVAE, cfg or VAE_PRESETS["released"]), state, name)
 
 
 # -----------------------------------------------------------------------------
 # 9. The pipeline: text to audio, and audio editing
 
 HUB_REPO = "OpenSound/EzAudio"
-RELEASED_MODELS = {  # name -> (DiT file in the hub repo, DiT preset, text encoder)
-    "s3_xl": ("ckpts/s3/ezaudio_s3_xl.pt", "XL", "google/flan-t5-xl"),
-    "s3_l": ("ckpts/s3/ezaudio_s3_l.pt", "L", "google/flan-t5-large"),
+MODELS = {  # the names --model takes: `hub_file`, a released DiT in HUB_REPO, with its preset and text encoder;
+    # or `file`, one of this project's checkpoints (which carry their configs), relative to this folder
+    "s3_xl": dict(hub_file="ckpts/s3/ezaudio_s3_xl.pt", dit="XL", text_encoder="google/flan-t5-xl"),
+    "s3_l": dict(hub_file="ckpts/s3/ezaudio_s3_l.pt", dit="L", text_encoder="google/flan-t5-large"),
 }
 RELEASED_VAE = "ckpts/vae/1m.pt"
 
 
-def hub_file(filename):
-    """Local path of a file of the released repo, downloaded into the Hugging Face cache on first use."""
-    from huggingface_hub import hf_hub_download
+def hub_file(filename, flag):
+    """Local path of a file of the released repo: the Hugging Face cache's copy (used without asking the network),
+    else downloaded into the cache. `flag` is the command-line option that gives a local file instead."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    cached = try_to_load_from_cache(HUB_REPO, filename)
+    if isinstance(cached, str):
+        return cached
     try:
         return hf_hub_download(HUB_REPO, filename)
     except Exception as e:
-        raise CheckpointError(f"cannot fetch {filename} from the hub repo {HUB_REPO} ({type(e).__name__}); "
-                              "connect once to download it, or pass local files (--ckpt, --vae)") from None
+        raise CheckpointError(f"{filename} of the hub repo {HUB_REPO} is not in the Hugging Face cache and cannot be "
+                              f"downloaded ({type(e).__name__}); connect to the internet once to download it, "
+                              f"or pass a local file with {flag}") from None
 
 
-def guess_dit_config(state):
-    """The released preset whose shapes a released-format state_dict has, or None."""
-    for cfg in (DIT_PRESETS["L"], DIT_PRESETS["XL"]):
-        with torch.device("meta"):
-            own = EzAudioDiT(cfg).state_dict()
-        if own.keys() == state.keys() and all(own[k].shape == state[k].shape for k in own):
-            return cfg
+def read_config(path, kind):
+    """The config of a released-format file: kind "dit" reads the `model` block of an EzAudio YAML config
+    (ezaudio-xl.yml), kind "vae" a VAE JSON config (ckpts/vae/config.json)."""
+    import json
+    import yaml
+    try:
+        with open(path) as f:
+            return DiTConfig.from_official(yaml.safe_load(f)["model"]) if kind == "dit" else \
+                VAEConfig.from_official(json.load(f))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
+    except (yaml.YAMLError, LookupError, TypeError, ValueError) as e:  # json's errors are ValueErrors
+        what = "an EzAudio YAML config with a `model` block" if kind == "dit" else "a VAE JSON config"
+        raise CheckpointError(f"{path}: not {what} ({type(e).__name__}: {str(e).partition(chr(10))[0]})") from None
+
+
+def guess_released_model(state):
+    """The name in MODELS of the released DiT whose shapes a released-format state_dict has, or None."""
+    for name, spec in MODELS.items():
+        if "dit" in spec:
+            with torch.device("meta"):
+                own = EzAudioDiT(DIT_PRESETS[spec["dit"]]).state_dict()
+            if own.keys() == state.keys() and all(own[k].shape == state[k].shape for k in own):
+                return name
     return None
 
 
@@ -856,47 +903,89 @@ def default_device():
     return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
+def usable_device(device, dtype):
+    """torch.device(device or default_device()), checked to exist here and to support `dtype`."""
+    name = device or default_device()
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # AssertionError: torch built without CUDA
+        raise ValueError(f"device {str(name)!r} is not usable here ({str(e).partition(chr(10))[0]}); "
+                         "leave --device out to take cuda, then mps, then cpu") from None
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ValueError("float16 runs on a GPU only; on the CPU use bfloat16 or float32 (--dtype bf16 or fp32)")
+    return device
+
+
 class EzAudio:
     """Text encoder, DiT, VAE and sampler in one object: `generate` turns prompts into audio, `edit` regenerates
-    a span of an existing clip. Waveforms are float32 tensors at `sample_rate`."""
+    a span of an existing clip. Waveforms are float32 tensors at `sample_rate`. With `dtype` bfloat16 or float16
+    the DiT runs under autocast, as the published pipeline runs it (float16); the text encoder and VAE stay float32.
+    A DiT without text (stage 1, context_dim 0) takes no text encoder and only the empty prompt."""
 
-    def __init__(self, dit, vae, text_encoder, device=None, dtype=torch.float32):
-        if dit.cfg.context_dim != text_encoder.dim:
-            raise CheckpointError(f"the text encoder's width {text_encoder.dim} does not match the DiT's "
+    def __init__(self, dit, vae, text_encoder=None, device=None, dtype=torch.float32):
+        width = text_encoder.dim if text_encoder is not None else 0
+        if dit.cfg.context_dim != width:
+            raise CheckpointError(f"the text encoder's width {width} does not match the DiT's "
                                   f"context_dim {dit.cfg.context_dim}; pass the matching --text-encoder")
         if dit.cfg.latent_dim != vae.cfg.latent_dim:
             raise CheckpointError(f"the VAE's latent_dim {vae.cfg.latent_dim} does not match the DiT's "
                                   f"{dit.cfg.latent_dim}; pass the matching --vae")
-        self.device, self.dtype = torch.device(device or default_device()), dtype
+        self.device, self.dtype = usable_device(device, dtype), dtype
         self.dit = dit.to(self.device).eval()
         self.vae = vae.to(self.device).eval().fold_weight_norm()
-        self.text_encoder = text_encoder.to(self.device)
+        self.text_encoder = text_encoder.to(self.device) if text_encoder is not None else None
         self.diffusion = Diffusion().to(self.device)
         self.sample_rate, self.hop = vae.cfg.sample_rate, vae.cfg.hop
 
     @classmethod
     def from_pretrained(cls, model="s3_xl", ckpt=None, dit_config=None, vae=None, vae_config=None,
                         text_encoder=None, device=None, dtype=torch.float32):
-        """Released weights by name (`s3_xl`, `s3_l`; fetched from the hub), or local files: `ckpt` is one of this
-        project's checkpoints or a released-format DiT (`dit_config` a DiTConfig; guessed for L and XL shapes);
-        `vae` a released-format VAE or a project checkpoint holding one; `text_encoder` a hub name or a folder."""
+        """A model of MODELS by name (released files come from the hub and are cached), or local files, as
+        sample.py's flags name them:
+          ckpt          one of this project's checkpoints (it carries its configs) or a released-format DiT
+          dit_config    of a released-format DiT: a DiTConfig or an EzAudio YAML file; EzAudio-L and XL shapes
+                        are recognised without it
+          vae           a released-format VAE or a project checkpoint holding one; by default the checkpoint's
+                        own, else the one it names, else the released one
+          vae_config    of a released-format VAE: a VAEConfig or its JSON file; by default a config.json beside
+                        the --vae file, else the config the checkpoint holds, else the released one
+          text_encoder  a hub name or a save_pretrained folder; by default the one the checkpoint holds or names"""
+        device = usable_device(device, dtype)  # before minutes of loading
         if ckpt is None:
-            if model not in RELEASED_MODELS:
-                raise CheckpointError(f"unknown model {model!r}; choose one of {', '.join(RELEASED_MODELS)}")
-            ckpt, preset, text_encoder_name = RELEASED_MODELS[model]
-            ckpt, dit_config = hub_file(ckpt), dit_config or DIT_PRESETS[preset]
-            text_encoder = text_encoder or text_encoder_name
+            if model not in MODELS:
+                raise CheckpointError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+            spec = MODELS[model]
+            if "file" in spec:
+                ckpt = os.path.join(os.path.dirname(os.path.abspath(__file__)), spec["file"])
+            else:
+                ckpt, dit_config = hub_file(spec["hub_file"], "--ckpt"), dit_config or DIT_PRESETS[spec["dit"]]
+                text_encoder = text_encoder or spec["text_encoder"]
         ck = load_file(ckpt)
-        config = ck.get("config", {}) if is_project_checkpoint(ck) else {}
-        if not is_project_checkpoint(ck) and dit_config is None and isinstance(ck.get("model"), dict):
-            dit_config = guess_dit_config(ck["model"])
+        config = ck["config"] if is_project_checkpoint(ck) else {}
+        if isinstance(dit_config, (str, os.PathLike)):
+            dit_config = read_config(dit_config, "dit")
+        if dit_config is None and not config and isinstance(ck, dict) and isinstance(ck.get("model"), dict):
+            released = guess_released_model(ck["model"])
+            if released is not None:
+                dit_config = DIT_PRESETS[MODELS[released]["dit"]]
+                text_encoder = text_encoder or MODELS[released]["text_encoder"]
         dit = dit_from_checkpoint(ck, dit_config, ckpt)
+        if isinstance(vae_config, (str, os.PathLike)):
+            vae_config = read_config(vae_config, "vae")
         if vae is not None:
-            vae = vae_from_checkpoint(load_file(vae), vae_config, vae)
+            vae_ck, beside = load_file(vae), os.path.join(os.path.dirname(os.fspath(vae)), "config.json")
+            if vae_config is None and not is_project_checkpoint(vae_ck) and os.path.isfile(beside):
+                vae_config = read_config(beside, "vae")
+            vae = vae_from_checkpoint(vae_ck, vae_config, vae)
         elif ck.get("vae") is not None:  # a project checkpoint carrying its own VAE
             vae = vae_from_checkpoint(ck, name=ckpt)
         else:
-            path = config.get("vae_path") or hub_file(RELEASED_VAE)
+            path = config.get("vae_path") or hub_file(RELEASED_VAE, "--vae")
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{path}, the VAE that {ckpt} names, is missing; pass the VAE with --vae")
+            if vae_config is None and config.get("vae"):
+                vae_config = config_from_dict(VAEConfig, config["vae"])
             vae = vae_from_checkpoint(load_file(path), vae_config, path)
         if text_encoder is not None:
             text_encoder = TextEncoder.from_pretrained(text_encoder)
@@ -904,60 +993,71 @@ class EzAudio:
             text_encoder = TextEncoder.from_state(ck["text_encoder"])
         elif config.get("text_encoder"):
             text_encoder = TextEncoder.from_pretrained(config["text_encoder"])
-        else:
+        elif dit.cfg.context_dim:
             raise CheckpointError(f"{ckpt}: no text encoder is named; pass one with --text-encoder")
         return cls(dit, vae, text_encoder, device, dtype)
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32)
-
-    def _sample(self, prompts, negative, guidance, seed, **kw):
-        """Latents for a batch of prompts; an all-empty batch is unconditional (guidance off)."""
-        generator = torch.Generator(self.device).manual_seed(seed)
-        context, mask = self.text_encoder(prompts)
-        neg_context, neg_mask = self.text_encoder([negative] * len(prompts))
-        if all(p == "" for p in prompts):
-            neg_context = neg_mask = None
-        with self._autocast():
+    def _sample(self, prompts, seeds, negative, guidance, **kw):
+        """Latents for a batch of prompts, sample i drawing its noise from a generator of its own seeded with
+        seeds[i]. As in the published pipeline, an all-empty batch, and guidance 0, sample without guidance."""
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        if self.text_encoder is None and any(prompts):
+            raise ValueError('this model has no text conditioning (a stage-1 checkpoint); give the empty prompt ""')
+        context = mask = neg_context = neg_mask = None
+        if self.text_encoder is not None:
+            context, mask = self.text_encoder(prompts)
+            if any(prompts) and guidance:
+                neg_context, neg_mask = self.text_encoder([negative] * len(prompts))
+        generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
             return self.diffusion.sample(self.dit, context, mask, neg_context, neg_mask, guidance=guidance,
-                                         generator=generator, **kw)
+                                         generator=generators, batch=len(prompts), **kw)
 
     @torch.inference_mode()
     def generate(self, prompts, duration=10.0, steps=100, guidance=5.0, rescale=0.75, eta=1.0, seed=0,
                  negative="", progress=False):
-        """Prompts (list of str) -> audio (B, T) with T = duration * sample_rate (rounded to whole latent frames).
-        Defaults are the paper's: 100 DDIM steps, CFG 5 with rescale 0.75, eta 1."""
+        """Prompts (list of str) -> audio (B, T), T = duration * sample_rate rounded to whole latent frames.
+        `seed` is one seed for every prompt or a list of one per prompt; a prompt and seed give the same audio
+        alone as in a batch (up to float rounding). Defaults are the paper's: 100 DDIM steps, CFG 5, rescale 0.75,
+        eta 1."""
+        seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
         length = max(1, round(duration * self.sample_rate / self.hop))
-        latents = self._sample(prompts, negative, guidance, seed, length=length, steps=steps, rescale=rescale,
+        latents = self._sample(prompts, seeds, negative, guidance, length=length, steps=steps, rescale=rescale,
                                eta=eta, progress=progress)
-        with self._autocast():
-            return self.vae.decode(latents).float()[:, 0].cpu()
+        return self.vae.decode(latents)[:, 0].cpu()
 
     @torch.inference_mode()
     def edit(self, audio, prompt, mask_start, mask_length, boundary=2.0, steps=100, guidance=3.5, rescale=0.0,
              eta=1.0, seed=0, negative="", progress=False):
-        """Regenerate [mask_start, mask_start + mask_length) seconds of `audio` (T,) to fit `prompt`, keeping the
-        rest. Only a window reaching `boundary` seconds beyond the mask on each side is encoded and decoded; a mask
-        running past the end extends the clip (outpainting). Returns the whole edited clip (T',)."""
-        sr = self.sample_rate
+        """Regenerate `mask_length` seconds of `audio` (T,) from `mask_start` on to fit `prompt`, keeping the rest,
+        as the published editing pipeline does: the clip is peak-normalised; a window reaching `boundary` seconds
+        (at most half the mask length) beyond the mask on each side is encoded, its masked latent frames are
+        sampled anew and the known ones kept, and it is decoded back into place. A mask running past the end first
+        pads the clip with silence (outpainting). Returns the whole edited clip (T',)."""
+        sr, frame_rate = self.sample_rate, self.sample_rate / self.hop
         audio = torch.as_tensor(audio, dtype=torch.float32).flatten()
-        if not 0 <= mask_start < audio.numel() / sr or mask_length <= 0:
-            raise ValueError(f"the mask [{mask_start}, {mask_start + mask_length}) s must start inside the "
-                             f"{audio.numel() / sr:.2f} s clip and have a positive length")
-        audio = audio / (audio.abs().max() + 1e-9)  # peak-normalise, as the released pipeline does
-        end = round((mask_start + mask_length) * sr)
-        audio = F.pad(audio, (0, max(0, end - audio.numel())))
-        w0, w1 = max(0, round((mask_start - boundary) * sr)), min(audio.numel(), end + round(boundary * sr))
-        window = audio[w0:w1].to(self.device)
-        window = F.pad(window, (0, -window.numel() % self.hop))[None, None]  # (1, 1, T) whole latent frames
-        with self._autocast():
-            gt = self.vae.encode(window, generator=torch.Generator(self.device).manual_seed(seed)).float()
+        seconds, mask_end = audio.numel() / sr, mask_start + mask_length
+        if not (0 <= mask_start <= seconds and mask_length > 0 and boundary >= 0):
+            raise ValueError(f"the mask [{mask_start:g}, {mask_end:g}) s must start within the {seconds:.2f} s clip "
+                             "(or at its end) and have a positive length, with a boundary >= 0")
+        audio = audio / (audio.abs().max() + 1e-9)
+        if mask_end > seconds:
+            audio = F.pad(audio, (0, round((mask_end - seconds) * sr)))
+            seconds = audio.numel() / sr
+        boundary = min(boundary, mask_length / 2)
+        w0, w1 = max(mask_start - boundary, 0), min(mask_end + boundary, seconds)  # the window, in seconds
+        # samples s0:s1, in whole latent frames as far as the clip reaches (the published pipeline needs them whole)
+        s0 = round(w0 * sr)
+        s1 = min(s0 + math.ceil((round(w1 * sr) - s0) / self.hop) * self.hop, audio.numel())
+        window = F.pad(audio[s0:s1], (0, -(s1 - s0) % self.hop)).to(self.device)[None, None]  # (1, 1, T)
+        gt = self.vae.encode(window, generator=torch.Generator(self.device).manual_seed(seed))  # (1, C, L)
+        f0, f1 = round((mask_start - w0) * frame_rate), round((mask_end - w0) * frame_rate)
+        if f1 <= f0:
+            raise ValueError(f"the mask must cover at least one latent frame ({1 / frame_rate:g} s)")
         frames = torch.arange(gt.shape[-1], device=self.device)
-        f0, f1 = round((mask_start * sr - w0) / self.hop), round((end - w0) / self.hop)
         mask = ((frames >= f0) & (frames < f1))[None, None]  # (1, 1, L), True = regenerate
-        latents = self._sample([prompt], negative, guidance, seed, steps=steps, rescale=rescale, eta=eta,
+        latents = self._sample([prompt], [seed], negative, guidance, steps=steps, rescale=rescale, eta=eta,
                                gt=gt, mask=mask, progress=progress)
-        with self._autocast():
-            decoded = self.vae.decode(latents).float()[0, 0, : w1 - w0].cpu()
-        audio[w0:w1] = decoded
+        audio[s0:s1] = self.vae.decode(latents)[0, 0, : s1 - s0].cpu()
         return audio

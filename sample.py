@@ -1,0 +1,158 @@
+"""
+Sample from EzAudio (arXiv 2409.10819): text to audio, and audio editing, with the released weights.
+
+    python sample.py "a dog barks"                                  # EzAudio-XL, 10 s, the paper's defaults
+    python sample.py "rain on a tin roof" "a cat meows" --num-samples 4 --seed 7
+    python sample.py "a man speaks" --edit in.wav --mask-start 3 --mask-length 2   # regenerate 3 s to 5 s
+
+One WAV per prompt and sample goes into --out, named <prompt>_s<seed>.wav (edits: <input>_<prompt>_s<seed>.wav).
+Sample k of each prompt uses seed --seed + k, with a generator of its own, so `--seed S` regenerates the file
+named _sS alone; the batch size changes nothing but float rounding.
+"""
+
+import argparse
+import os
+import re
+import sys
+import time
+
+from huggingface_hub.utils import logging as hub_logging
+import soundfile as sf
+import torch
+
+import ezaudio as E
+from data import AudioError, read_audio
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error here
+        raise SystemExit(f"error: {message} (see --help)")
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.strip().splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompts", nargs="+", metavar="PROMPT", help='what to hear; "" generates unconditionally')
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="s3_xl", choices=list(E.MODELS),
+                   help=f"downloaded from the hub repo {E.HUB_REPO} on first use, then cached (default: s3_xl)")
+    g.add_argument("--ckpt", metavar="PATH", help="a local DiT instead: one of this project's checkpoints, or a "
+                   "released-format file (EzAudio-L and XL are recognised; others need --dit-config)")
+    g.add_argument("--dit-config", metavar="FILE.yml", help="EzAudio YAML config of a released-format --ckpt")
+    g.add_argument("--vae", metavar="PATH", help="a local VAE: released-format (like 1m.pt) or a project checkpoint "
+                   "(default: the checkpoint's own or the one it names, else the released one)")
+    g.add_argument("--vae-config", metavar="FILE.json", help="JSON config of a released-format --vae (default: "
+                   "config.json beside it, else the released config)")
+    g.add_argument("--text-encoder", metavar="NAME_OR_DIR", help="hub name or local folder of the T5 encoder "
+                   "(default: the model's, google/flan-t5-xl for s3_xl)")
+    g = p.add_argument_group("sampling (defaults: the paper's)")
+    g.add_argument("--duration", type=float, help="seconds of audio (default: 10; edits keep the input's length)")
+    g.add_argument("--steps", type=int, default=100, help="DDIM steps, 1 to 1000 (default: 100)")
+    g.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: 5, edits 3.5); "
+                   "0 or 1: the text alone, no guidance")
+    g.add_argument("--rescale", type=float, help="guidance rescale, 0 to 1 (default: 0.75, edits 0)")
+    g.add_argument("--eta", type=float, default=1.0, help="DDIM eta: 0 deterministic, 1 ancestral (default: 1)")
+    g.add_argument("--seed", type=int, default=0, help="sample k of each prompt uses seed + k (default: 0)")
+    g.add_argument("--negative", default="", help='negative prompt for guidance (default: "")')
+    g.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default: 1)")
+    g.add_argument("--batch-size", type=int, default=1, help="samples of a prompt per forward pass (default: 1; "
+                   "edits run one at a time)")
+    g.add_argument("--device", help="cuda, mps, cpu, ... (default: cuda, then mps, then cpu)")
+    g.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="the DiT's precision: bf16 and fp16 run "
+                   "it under autocast, fp16 on a GPU only; text encoder and VAE stay fp32 (default: fp32)")
+    g = p.add_argument_group("editing: regenerate [start, start + length) of a clip; past its end extends it")
+    g.add_argument("--edit", metavar="INPUT.wav", help="the clip (any rate: resampled to the model's)")
+    g.add_argument("--mask-start", type=float, metavar="S", help="seconds")
+    g.add_argument("--mask-length", type=float, metavar="S", help="seconds")
+    g.add_argument("--boundary", type=float, default=2.0, metavar="S", help="seconds of context each side, at "
+                   "most half the mask length (default: 2)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="samples", metavar="DIR", help="folder for the WAVs (default: samples)")
+    g.add_argument("--subtype", default="FLOAT", choices=["FLOAT", "PCM_16", "PCM_24"],
+                   help="WAV sample format; the PCM ones clip at +-1 (default: FLOAT, 32-bit float)")
+    args = p.parse_args(argv)
+    editing = args.edit is not None
+    args.cfg = args.cfg if args.cfg is not None else 3.5 if editing else 5.0
+    args.rescale = args.rescale if args.rescale is not None else 0.0 if editing else 0.75
+    problems = [
+        (args.duration is not None and args.duration <= 0, "--duration must be > 0"),
+        (editing and args.duration is not None, "--duration does not apply to --edit: the output keeps the "
+                                                "input's length (a mask past its end extends it)"),
+        (not 1 <= args.steps <= 1000, "--steps must be 1 to 1000"),
+        (not 0 <= args.rescale <= 1, "--rescale must be 0 to 1"),
+        (args.eta < 0, "--eta must be >= 0"),
+        (args.num_samples < 1 or args.batch_size < 1, "--num-samples and --batch-size must be >= 1"),
+        (editing and (args.mask_start is None or args.mask_length is None),
+         "--edit needs --mask-start and --mask-length"),
+        (not editing and (args.mask_start, args.mask_length) != (None, None), "--mask-start and --mask-length "
+                                                                              "need --edit INPUT.wav"),
+    ]
+    names = [file_name(prompt, args.seed + k, args.edit) for prompt in args.prompts for k in range(args.num_samples)]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    problems.append((twice, f"two prompts would both write {twice}; make them differ (--num-samples gives more "
+                            "samples of one prompt)"))
+    for bad, message in problems:
+        if bad:
+            p.error(message)
+    args.duration = args.duration or 10.0
+    return args
+
+
+def file_name(prompt, seed, edit=None):
+    slug = re.sub(r"\W+", "_", prompt.lower()).strip("_")[:80] or ("untitled" if prompt else "unconditional")
+    if edit:
+        slug = f"{os.path.splitext(os.path.basename(edit))[0]}_{slug}"
+    return f"{slug}_s{seed}.wav"
+
+
+def write_wav(path, audio, sample_rate, subtype):
+    """Through a temporary file in the same folder, so that an interrupted run leaves no half-written WAV."""
+    peak = audio.abs().max().item()
+    if subtype != "FLOAT" and peak > 1:
+        print(f"warning: {path} clips: its peak {peak:.2f} exceeds the {subtype} range; --subtype FLOAT keeps it",
+              file=sys.stderr)
+    sf.write(path + ".tmp", audio.numpy(), sample_rate, subtype=subtype, format="WAV")
+    os.replace(path + ".tmp", path)
+
+
+def samples(model, args, prompt):
+    """(seed, waveform) for every sample of one prompt."""
+    seeds = range(args.seed, args.seed + args.num_samples)
+    kw = dict(steps=args.steps, guidance=args.cfg, rescale=args.rescale, eta=args.eta, negative=args.negative,
+              progress=True)
+    if args.edit:
+        clip = read_audio(args.edit, model.sample_rate)
+        for seed in seeds:
+            yield seed, model.edit(clip, prompt, args.mask_start, args.mask_length, args.boundary, seed=seed, **kw)
+        return
+    for i in range(0, len(seeds), args.batch_size):
+        batch = seeds[i: i + args.batch_size]
+        yield from zip(batch, model.generate([prompt] * len(batch), args.duration, seed=list(batch), **kw))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    hub_logging.set_verbosity_error()  # no retry chatter offline: the error is one line
+    start = time.time()
+    try:
+        model = E.EzAudio.from_pretrained(args.model, args.ckpt, args.dit_config, args.vae, args.vae_config,
+                                          args.text_encoder, args.device, DTYPES[args.dtype])
+        task = f"editing {args.edit}" if args.edit else f"{args.duration:g} s"
+        print(f"{args.ckpt or args.model} on {model.device} ({args.dtype}): {task}, {args.steps} steps, "
+              f"CFG {args.cfg:g}, rescale {args.rescale:g}, eta {args.eta:g}")
+        os.makedirs(args.out, exist_ok=True)
+        for prompt in args.prompts:
+            for seed, audio in samples(model, args, prompt):
+                path = os.path.join(args.out, file_name(prompt, seed, args.edit))
+                write_wav(path, audio, model.sample_rate, args.subtype)
+                print(path)
+    except (E.CheckpointError, AudioError, ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"wrote {len(args.prompts) * args.num_samples} WAV file(s) ({model.sample_rate} Hz, {args.subtype}) "
+          f"to {args.out}{os.sep} in {time.time() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The toy world (data.py): its captions, its clips, the scorer that reads the facts back, and its data set."""
+
+import csv
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import data as D
+
+
+def clip(facts, seed=0):
+    return D.render_toy(facts, np.random.default_rng(seed))
+
+
+def test_the_21_canonical_captions():
+    assert len(D.TOY_CAPTIONS) == len(set(D.TOY_CAPTIONS)) == 21
+    for caption in ("two high beeps", "one low buzz", "three middle buzzes", "one middle beep",
+                    "a rising whistle", "a falling whistle", "a burst of noise"):
+        assert caption in D.TOY_CAPTIONS
+
+
+@pytest.mark.parametrize("facts", D.TOY_CLASSES, ids=D.TOY_CAPTIONS)
+def test_captions_and_paraphrases_state_the_facts(facts):
+    assert D.parse_toy_caption(D.toy_caption(facts)) == facts
+    rng = np.random.default_rng(0)
+    paraphrases = {D.toy_paraphrase(facts, rng) for _ in range(30)}
+    assert len(paraphrases) == len(D.TOY_PARAPHRASES[facts["kind"]])
+    assert all(D.parse_toy_caption(p) == facts for p in paraphrases)
+
+
+def test_a_caption_that_names_no_toy_sound_states_nothing():
+    assert D.parse_toy_caption("a dog barks") is None
+    assert D.parse_toy_caption("high beeps") == {"kind": "tone", "count": None, "pitch": "high", "timbre": "beep"}
+
+
+def test_clips_follow_the_world_rules():
+    facts = {"kind": "tone", "count": 3, "pitch": "low", "timbre": "buzz"}
+    audio = clip(facts, seed=3)
+    assert audio.dtype == np.float32 and audio.shape == (32000,)
+    assert np.abs(audio).max() == pytest.approx(0.5)
+    np.testing.assert_array_equal(audio, clip(facts, seed=3))
+    assert not np.array_equal(audio, clip(facts, seed=4))
+    sounding = np.flatnonzero(np.diff(np.concatenate([[0], (audio != 0).astype(int), [0]])))
+    starts, ends = sounding[::2] / 16000, sounding[1::2] / 16000
+    # one run per event (a sine crossing zero on a sample would split one; allow it only inside an event)
+    gaps = starts[1:] - ends[:-1]
+    events = np.split(np.stack([starts, ends], 1), np.flatnonzero(gaps > 0.01) + 1)
+    assert len(events) == 3
+    lengths = [e[-1, 1] - e[0, 0] for e in events]
+    assert all(0.2 - 1e-3 <= d <= 0.3 for d in lengths)
+    assert all(g >= 0.15 - 1e-3 for g in gaps[gaps > 0.01])
+
+
+def test_the_scorer_hears_the_ground_truth():
+    pairs = [(D.toy_caption(f), D.measure_toy(clip(f, seed=i)))
+             for i in range(10) for f in D.TOY_CLASSES]  # 210 clips, every class 10 times
+    scores = D.score_toy(pairs)
+    assert {p: n for p, (_, n) in scores.items()} == {"kind": 210, "count": 180, "pitch": 180, "timbre": 180,
+                                                      "direction": 20}
+    assert all(c / n >= 0.99 for c, n in scores.values()), scores
+
+
+def test_the_scorer_hears_through_a_noise_floor_and_a_dc_offset():
+    rng = np.random.default_rng(1)
+    pairs = [(D.toy_caption(f), D.measure_toy(clip(f, i) + 0.05 * rng.standard_normal(32000) + 0.2))  # -20 dB
+             for i in range(3) for f in D.TOY_CLASSES]
+    assert all(c == n for c, n in D.score_toy(pairs).values())
+
+
+def test_the_scorer_catches_every_wrong_fact():
+    heard = D.measure_toy(clip({"kind": "tone", "count": 2, "pitch": "high", "timbre": "beep"}))
+    assert D.score_toy([("three low buzzes", heard)]) == {"kind": (1, 1), "count": (0, 1), "pitch": (0, 1),
+                                                          "timbre": (0, 1)}
+    assert D.score_toy([("a rising whistle", heard)]) == {"kind": (0, 1), "direction": (0, 1)}
+    falling = D.measure_toy(clip({"kind": "whistle", "direction": "falling"}))
+    assert D.score_toy([("a rising whistle", falling)]) == {"kind": (1, 1), "direction": (0, 1)}
+    assert D.measure_toy(np.zeros(32000)) == {"kind": None}
+
+
+def test_degraded_captions_and_their_filter():
+    rng = np.random.default_rng(0)
+    rows = [(f, *D.degrade_toy_caption(f, rng)) for _ in range(20) for f in D.TOY_CLASSES]
+    kept = [(f, caption) for f, caption, score in rows if score >= 0.40]
+    assert 0.5 < len(kept) / len(rows) < 0.9
+    assert any(caption != D.toy_caption(f) for f, caption in kept)  # the filter leaves some words missing
+    for f, caption in kept:  # but nothing false
+        said = D.parse_toy_caption(caption)
+        assert all(v is None or v == f[k] for k, v in said.items()), caption
+    removed = [(f, caption) for f, caption, score in rows if score < 0.40]
+    assert any(any(v is not None and v != f[k] for k, v in D.parse_toy_caption(c).items()) for f, c in removed)
+
+
+def test_toy_text_encoder_is_small_frozen_and_stored_whole():
+    import ezaudio as E
+    enc = D.toy_text_encoder()
+    context, mask = enc(["two high beeps", "a burst of noise"])
+    assert context.shape == (2, enc.max_length, enc.dim) and mask[0].sum() == len("two high beeps") + 1
+    assert not any(p.requires_grad for p in enc.parameters())
+    torch.testing.assert_close(D.toy_text_encoder()(["two high beeps"])[0], context[:1])
+    torch.testing.assert_close(E.TextEncoder.from_state(enc.state())(["two high beeps"])[0], context[:1])
+    assert E.DIT_PRESETS["toy"].context_dim == enc.dim
+
+
+def test_toy_command_writes_a_world_that_scores_perfectly(tmp_path, capsys):
+    D.main(["toy", "--out", str(tmp_path), "--train", "42", "--test", "21"])
+    with open(tmp_path / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["split"] for r in rows] == ["train"] * 42 + ["test"] * 21
+    audio, sr = sf.read(tmp_path / rows[0]["audio_path"])
+    assert sr == 16000 and audio.shape == (32000,)
+    with open(tmp_path / "stage2.csv", newline="") as f:
+        stage2 = list(csv.DictReader(f))
+    assert [r["audio_path"] for r in stage2] == [r["audio_path"] for r in rows[:42]]
+    assert all(0 <= float(r["clap_score"]) <= 1 for r in stage2)
+    D.main(["toy-score", str(tmp_path), "--split", "test"])
+    table = capsys.readouterr().out
+    assert "kind           21    100.0%" in table and "count          18    100.0%" in table
+
+
+def test_toy_score_reads_captions_from_file_names(tmp_path, capsys):
+    for i, facts in enumerate(D.TOY_CLASSES[:2]):
+        sf.write(tmp_path / f"{D.toy_caption(facts).replace(' ', '_')}_{i}.wav", clip(facts), 16000)
+    D.main(["toy-score", str(tmp_path)])
+    assert "pitch           2    100.0%" in capsys.readouterr().out
+
+
+def test_toy_score_of_an_empty_folder_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="error: .*no clips to score"):
+        D.main(["toy-score", str(tmp_path)])
+
+
+def test_toy_pack_makes_one_half_precision_file_that_samples(tmp_path):
+    import ezaudio as E
+    torch.manual_seed(0)
+    vae = E.WaveformVAE(E.VAE_PRESETS["tiny"])
+    torch.save({"format": "ezaudio", "stage": "vae", "step": 1, "config": {"dit": None, "vae": E.asdict(vae.cfg)},
+                "vae": vae.state_dict()}, tmp_path / "vae.pt")
+    cfg = E.DiTConfig(**{**E.asdict(E.DIT_PRESETS["tiny"]), "context_dim": D.toy_text_encoder().dim})
+    dit = E.EzAudioDiT(cfg).init_weights()
+    ema = {k: v + 0.01 for k, v in dit.state_dict().items()}  # told apart from the raw weights
+    ckpt = {"format": "ezaudio", "stage": 3, "step": 7,
+            "config": {"dit": E.asdict(cfg), "vae": E.asdict(vae.cfg), "vae_path": str(tmp_path / "vae.pt"),
+                       "text_encoder": None, "train": {}},
+            "model": dit.state_dict(), "ema": ema, "vae": None, "text_encoder": D.toy_text_encoder().state(),
+            "optimizer": [{"state": {}}], "rng": [], "data": {}}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    D.main(["toy-pack", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "packed.pt")])
+    packed = torch.load(tmp_path / "packed.pt", weights_only=True)
+    assert "optimizer" not in packed and packed["config"]["vae_path"] is None
+    assert all(v.dtype == torch.float16 for v in packed["model"].values() if v.is_floating_point())
+    torch.testing.assert_close(packed["model"]["mask_embed"].float(), ema["mask_embed"], rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(packed["vae"]["decoder.layers.0.weight_v"].float(),
+                               vae.state_dict()["decoder.layers.0.weight_v"], rtol=1e-3, atol=1e-4)
+    model = E.EzAudio.from_pretrained(ckpt=tmp_path / "packed.pt", device="cpu")  # needs no other file
+    audio = model.generate(["two high beeps"], duration=0.1, steps=2)
+    assert audio.shape == (1, round(0.1 * vae.cfg.sample_rate / vae.cfg.hop) * vae.cfg.hop)
+    assert torch.isfinite(audio).all()
+    with pytest.raises(SystemExit, match="error: .*not a DiT-stage checkpoint"):
+        D.main(["toy-pack", "--ckpt", str(tmp_path / "vae.pt"), "--out", str(tmp_path / "x.pt")])

@@ -1,0 +1,350 @@
+"""train.py with tiny configs on a few generated WAVs, on the CPU: every stage, the stage hand-over, exact
+resume, bad rows, the cache, non-finite losses, and (slow) torchrun with two ranks and a stop signal."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import ezaudio as E
+import train
+from test_data import SR, write_clips
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--segment", "0.05", "--batch-size", "2", "--workers", "0", "--log-every", "1", "--sample-every", "0",
+        "--warmup", "0"]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    return write_clips(tmp_path_factory.mktemp("clips"))
+
+
+@pytest.fixture(scope="module")
+def stage1(clips, official_vae_ckpt, tmp_path_factory):
+    """A stage-1 run of 3 steps, large enough a learning rate that every weight has moved."""
+    run = tmp_path_factory.mktemp("runs") / "stage1"
+    train.main(["--stage", "1", "--config", "tiny", "--manifest", str(clips), "--vae", str(official_vae_ckpt),
+                "--vae-config", "tiny", "--run-dir", str(run), "--max-steps", "3", "--lr", "1e-2", *FAST])
+    return run / "ckpt.pt"
+
+
+def log_lines(run):
+    """Each step's log line as {name: value}."""
+    out = []
+    for line in (Path(run) / "log.txt").read_text().splitlines():
+        if line.startswith("step "):
+            out.append({k: v for k, v in re.findall(r"(?:\| )?([a-z]+) ([-0-9.e+naif]+)", line.split(" | ", 1)[1])})
+            out[-1]["step"] = int(line.split()[1].split("/")[0])
+            out[-1]["line"] = line
+    return out
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# -----------------------------------------------------------------------------
+# settings and pieces
+
+
+def test_stage_defaults_and_flags():
+    args, _, _ = train.settings(["--stage", "3", "--manifest", "m.csv", "--run-dir", "/nonexistent/run"])
+    assert (args.lr, args.max_steps, args.batch_size, args.accum, args.mae_prob) == (1e-5, 30_000, 16, 1, 0.1)
+    assert (args.warmup, args.clip, args.betas, args.weight_decay, args.text_dropout) == (5000, 1.0, (0.9, 0.999),
+                                                                                         0.01, 0.1)
+    args, _, _ = train.settings(["--stage", "2", "--manifest", "m.csv", "--lr", "3e-4"])
+    assert (args.lr, args.max_steps, args.min_clap, args.run_dir) == (3e-4, 50_000, 0.40, os.path.join("runs", "stage2"))
+    args, _, _ = train.settings(["--stage", "1", "--manifest", "m.csv"])
+    assert (args.lr, args.max_steps, args.mae_prob, args.min_clap, args.segment) == (1e-4, 100_000, 0.25, 0.0, 10.0)
+    args, _, _ = train.settings(["--stage", "vae", "--manifest", "m.csv"])
+    assert (args.lr, args.disc_lr, args.betas, args.weight_decay, args.segment) == (1.5e-4, 3e-4, (0.8, 0.99),
+                                                                                   1e-3, 0.5)
+    with pytest.raises(SystemExit, match="--stage"):
+        train.settings(["--manifest", "m.csv"])
+
+
+def test_a_run_folder_is_not_overwritten(stage1, clips):
+    with pytest.raises(SystemExit, match="--resume"):
+        train.settings(["--stage", "1", "--manifest", str(clips), "--run-dir", str(stage1.parent)])
+
+
+def test_weight_decay_only_on_linear_and_conv_weights():
+    dit = E.EzAudioDiT(E.DIT_PRESETS["tiny"])
+    args, _, _ = train.settings(["--stage", "1", "--manifest", "m.csv"])
+    decay, rest = train.adamw(dit, 1e-4, args).param_groups
+    names = {id(p): n for n, p in dit.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.01 and rest["weight_decay"] == 0.0
+    assert "model.in_blocks.0.attn.to_q.weight" in decayed and "model.patch_embed.proj.weight" in decayed
+    assert "model.final_block.final_layer.weight" in decayed
+    for n in ("mask_embed", "model.in_blocks.0.adaln.scale_shift_table", "model.in_blocks.0.norm1.weight",
+              "model.in_blocks.0.attn.proj.bias"):
+        assert n not in decayed
+    vae = E.WaveformVAE(E.VAE_PRESETS["tiny"])
+    names = {id(p): n for n, p in vae.named_parameters()}
+    decayed = {names[id(p)] for p in train.adamw(vae, 1e-4, args).param_groups[0]["params"]}
+    assert decayed and all(n.endswith("weight_v") for n in decayed)
+    assert len(decayed) == sum(n.endswith("weight_v") for n in names.values())
+
+
+def test_learning_rate_schedules():
+    dit, _, _ = train.settings(["--stage", "1", "--manifest", "m.csv", "--warmup", "10"])
+    assert [train.lr_factor(s, dit) for s in (0, 4, 9, 500)] == [0.1, 0.5, 1.0, 1.0]
+    vae, _, _ = train.settings(["--stage", "vae", "--manifest", "m.csv"])
+    assert train.lr_factor(0, vae) == pytest.approx(0.001)
+    assert train.lr_factor(200_000, vae) == pytest.approx(2 ** -0.5, rel=1e-6)
+
+
+def test_replica_fingerprint_sees_any_weight():
+    dit = E.EzAudioDiT(E.DIT_PRESETS["tiny"])
+    before = train.fingerprint(dit)
+    assert train.fingerprint(dit) == before
+    with torch.no_grad():
+        dit.model.out_blocks[-1].mlp.net[2].bias[3] += 1e-7
+    assert train.fingerprint(dit) != before
+
+
+def test_overfitting_one_batch_drives_the_loss_down():
+    """The same clean latents, timesteps, noise and mask every step: the DiT must learn to fit them."""
+    torch.manual_seed(0)
+    dit = E.EzAudioDiT(replace(E.DIT_PRESETS["tiny"], context_dim=0)).init_weights()
+    objective = train.DiffusionObjective(dit)
+    args, _, _ = train.settings(["--stage", "1", "--manifest", "m.csv"])
+    opt = train.adamw(dit, 3e-3, args)
+    x0 = torch.randn(2, 8, 16)
+    losses = []
+    for _ in range(60):
+        loss, _ = objective(x0, None, None, torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_text_dropout_replaces_captions_by_the_empty_one():
+    empty = torch.full((1, 4), 7.0)
+    batch = {"caption": ["a", "b", "c"], "context": [torch.ones(3, 4), torch.ones(5, 4), torch.ones(2, 4)]}
+    g = torch.Generator().manual_seed(0)
+    context, mask = train.text_condition(batch, None, empty, 1.0, g, "cpu")
+    assert context.shape == (3, 1, 4) and (context == 7).all() and mask.all()
+    context, mask = train.text_condition(batch, None, empty, 0.0, g, "cpu")
+    assert context.shape == (3, 5, 4) and mask.sum(1).tolist() == [3, 5, 2]
+
+
+# -----------------------------------------------------------------------------
+# the stages, end to end
+
+
+def test_vae_stage_reconstruction_loss_falls(tmp_path):
+    """One clip, unflipped, every step: what changes between steps is the VAE (and its posterior sample)."""
+    write_clips(tmp_path / "d", n_good=1, bad=False)
+    (tmp_path / "d" / "one.csv").write_text("audio_path\naudio/clip0.wav\naudio/clip0.wav\n")
+    run = tmp_path / "vae"
+    train.main(["--stage", "vae", "--config", "tiny", "--manifest", str(tmp_path / "d" / "one.csv"),
+                "--run-dir", str(run), "--max-steps", "30", "--lr", "3e-3", "--disc-lr", "3e-3",
+                "--disc-filters", "4", *FAST, "--flip", "0"])
+    stft = [float(line["stft"]) for line in log_lines(run)]
+    assert len(stft) == 30
+    assert sum(stft[-5:]) / 5 < 0.7 * sum(stft[:5]) / 5, stft
+    ckpt = load(run / "ckpt.pt")
+    assert (ckpt["format"], ckpt["stage"], ckpt["step"], ckpt["model"], ckpt["config"]["dit"]) == ("ezaudio", "vae",
+                                                                                                 30, None, None)
+    vae = E.vae_from_checkpoint(ckpt, name="vae stage")
+    assert vae.cfg == E.VAE_PRESETS["tiny"]
+    assert ckpt["discriminator"] and len(ckpt["optimizer"]) == 2
+
+
+def test_the_three_stages_chain_and_sample(stage1, clips, tmp_path, text_encoder_dir, official_vae_ckpt):
+    ck1 = load(stage1)
+    assert (ck1["stage"], ck1["step"], ck1["config"]["dit"]["context_dim"], ck1["text_encoder"]) == (1, 3, 0, None)
+    assert ck1["config"]["vae_path"] == str(official_vae_ckpt)
+    assert not any("cross_attn" in k for k in ck1["model"])
+    run2, run3 = tmp_path / "s2", tmp_path / "s3"
+    train.main(["--stage", "2", "--manifest", str(clips), "--init-from", str(stage1), "--min-clap", "0",
+                "--text-encoder", str(text_encoder_dir), "--run-dir", str(run2), "--max-steps", "2", *FAST,
+                "--sample-every", "2", "--sample-steps", "2", "--sample-prompts", "a tone", "rain"])
+    assert sorted(p.name for p in (run2 / "samples" / "step0000002").iterdir()) == ["0_a_tone.wav", "1_rain.wav"]
+    train.main(["--stage", "3", "--manifest", str(clips), "--init-from", str(run2 / "ckpt.pt"),
+                "--run-dir", str(run3), "--max-steps", "2", *FAST])
+    ck3 = load(run3 / "ckpt.pt")
+    assert (ck3["stage"], ck3["step"], ck3["config"]["dit"]["context_dim"]) == (3, 2, 32)
+    assert ck3["text_encoder"] is not None and ck3["config"]["text_encoder"] is None  # tiny ByT5 T5: embedded
+    assert ck3["config"]["train"]["lr"] == 1e-5 and ck3["config"]["dit"]["mae_prob"] == 0.1
+    pipe = E.EzAudio.from_pretrained(ckpt=run3 / "ckpt.pt", device="cpu")
+    audio = pipe.generate(["a tone"], duration=0.05, steps=2)
+    assert audio.shape == (1, round(0.05 * SR)) and torch.isfinite(audio).all()
+
+
+def test_stage_hand_over_leaves_the_output_unchanged(stage1, clips, tmp_path, text_encoder_dir):
+    run = tmp_path / "s2"
+    train.main(["--stage", "2", "--manifest", str(clips), "--init-from", str(stage1), "--min-clap", "0",
+                "--text-encoder", str(text_encoder_dir), "--run-dir", str(run), "--max-steps", "0", *FAST])
+    before = E.dit_from_checkpoint(load(stage1)).eval()
+    after = E.dit_from_checkpoint(load(run / "ckpt.pt")).eval()
+    new = set(after.state_dict()) - set(before.state_dict())
+    assert new and all(train.TEXT_PARTS & set(k.split(".")) for k in new)
+    context, mask = E.TextEncoder.from_pretrained(text_encoder_dir)(["a dog barks", "rain"])
+    x, gt = torch.randn(2, 8, 40), torch.randn(2, 8, 40)
+    t, span = torch.tensor([10, 900]), torch.zeros(2, 1, 40, dtype=torch.bool)
+    span[:, :, 10:20] = True
+    with torch.no_grad():
+        assert torch.equal(after(x, t, context, mask, gt, span), before(x, t, None, None, gt, span))
+        assert torch.equal(after(x, t, context, mask), before(x, t))
+
+
+def test_hand_over_refuses_a_checkpoint_that_does_not_fit(stage1, clips, tmp_path, text_encoder_dir):
+    run2 = tmp_path / "s2"
+    train.main(["--stage", "2", "--manifest", str(clips), "--init-from", str(stage1), "--min-clap", "0",
+                "--text-encoder", str(text_encoder_dir), "--run-dir", str(run2), "--max-steps", "0", *FAST])
+    with pytest.raises(SystemExit, match="does not fit"):  # stage 1 from a model that has text
+        train.main(["--stage", "1", "--manifest", str(clips), "--init-from", str(run2 / "ckpt.pt"),
+                    "--run-dir", str(tmp_path / "back"), "--max-steps", "1", *FAST])
+
+
+def test_fine_tuning_released_weights(clips, tmp_path, official_dit_ckpt, official_vae_ckpt, text_encoder_dir):
+    run = tmp_path / "s3"
+    train.main(["--stage", "3", "--config", "tiny", "--manifest", str(clips), "--init-from", str(official_dit_ckpt),
+                "--vae", str(official_vae_ckpt), "--vae-config", "tiny", "--text-encoder", str(text_encoder_dir),
+                "--run-dir", str(run), "--max-steps", "0", *FAST])
+    released = load(official_dit_ckpt)["model"]
+    ours = load(run / "ckpt.pt")["model"]
+    assert ours.keys() == released.keys() and all(torch.equal(ours[k], released[k]) for k in ours)
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(stage1, clips, tmp_path, text_encoder_dir,
+                                                             monkeypatch):
+    common = ["--stage", "2", "--manifest", str(clips), "--init-from", str(stage1), "--min-clap", "0",
+              "--text-encoder", str(text_encoder_dir), "--max-steps", "2", "--lr", "1e-3", *FAST]
+    train.main([*common, "--run-dir", str(tmp_path / "a")])
+    checkpoint, calls = E.checkpoint, []
+    monkeypatch.setattr(E, "checkpoint", lambda *a, **kw: calls.append(1) or checkpoint(*a, **kw))
+    train.main([*common, "--run-dir", str(tmp_path / "b"), "--grad-checkpointing"])
+    assert len(calls) == 2 * 5  # two steps, five blocks each
+    a, b = load(tmp_path / "a" / "ckpt.pt")["model"], load(tmp_path / "b" / "ckpt.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_is_exact(stage1, clips, tmp_path, text_encoder_dir):
+    """6 steps in one go, or 3, stop, and 3 more: the same losses, weights, EMA and optimiser state. Gradient
+    accumulation, EMA, polarity flips, epochs (10 rows, 5 micro-batches each) and caption dropout all take part."""
+    common = ["--stage", "2", "--manifest", str(clips), "--init-from", str(stage1), "--min-clap", "0",
+              "--text-encoder", str(text_encoder_dir), "--accum", "2", "--ema", "0.9", "--lr", "1e-3",
+              "--text-dropout", "0.5", *FAST]
+    train.main([*common, "--run-dir", str(tmp_path / "a"), "--max-steps", "6"])
+    train.main([*common, "--run-dir", str(tmp_path / "b"), "--max-steps", "3"])
+    train.main(["--resume", "--run-dir", str(tmp_path / "b"), "--max-steps", "6"])
+    a, b = log_lines(tmp_path / "a"), log_lines(tmp_path / "b")
+    assert [(x["step"], x["loss"], x["grad"]) for x in a] == [(x["step"], x["loss"], x["grad"]) for x in b]
+    ca, cb = load(tmp_path / "a" / "ckpt.pt"), load(tmp_path / "b" / "ckpt.pt")
+    for key in ("model", "ema"):
+        assert ca[key].keys() == cb[key].keys()
+        assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key]), key
+    sa, sb = ca["optimizer"][0]["state"], cb["optimizer"][0]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    assert ca["data"] == cb["data"] == {"epoch": 2, "batch": 2, "world_size": 1, "batch_size": 2}
+
+
+def test_bad_rows_are_skipped_with_one_warning_each_and_counted(clips, tmp_path, official_vae_ckpt, capsys):
+    run = tmp_path / "run"
+    train.main(["--stage", "1", "--config", "tiny", "--manifest", str(clips), "--vae", str(official_vae_ckpt),
+                "--vae-config", "tiny", "--run-dir", str(run), "--max-steps", "10", *FAST])  # two epochs
+    out = capsys.readouterr().out
+    for row in (7, 8, 9, 10):
+        assert out.count(f"warning: skipping manifest row {row}:") == 1
+    assert log_lines(run)[-1]["line"].endswith("skipped 4 rows, 0 steps")
+
+
+def test_a_cached_run_needs_neither_encoder(clips, tmp_path, stage1, official_vae_ckpt, text_encoder_dir,
+                                            monkeypatch):
+    cache = tmp_path / "cache"
+    data.main(["cache", "--manifest", str(clips), "--out", str(cache), "--vae", str(official_vae_ckpt),
+               "--vae-config", "tiny", "--text-encoder", str(text_encoder_dir), "--segment", "0.05",
+               "--workers", "0", "--device", "cpu"])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached run loaded an encoder")
+    monkeypatch.setattr(data, "load_vae", refuse)
+    monkeypatch.setattr(E.TextEncoder, "from_pretrained", refuse)
+    monkeypatch.setattr(E.TextEncoder, "from_state", refuse)
+    run = tmp_path / "run"
+    train.main(["--stage", "2", "--manifest", str(clips), "--cache", str(cache), "--init-from", str(stage1),
+                "--min-clap", "0", "--run-dir", str(run), "--max-steps", "5", *FAST])  # one epoch
+    ckpt = load(run / "ckpt.pt")
+    assert ckpt["config"]["vae_path"] == str(official_vae_ckpt)
+    assert ckpt["text_encoder"] is not None and ckpt["config"]["dit"]["context_dim"] == 32
+    assert log_lines(run)[-1]["line"].endswith("skipped 4 rows, 0 steps")  # not in the cache: skipped alike
+
+
+def test_non_finite_losses_are_skipped_and_counted_then_stop_the_run(stage1, clips, tmp_path, official_vae_ckpt,
+                                                                    monkeypatch):
+    forward, calls = train.DiffusionObjective.forward, []
+
+    def poisoned(self, *args):
+        loss, parts = forward(self, *args)
+        calls.append(1)
+        if len(calls) in bad:
+            loss = loss * float("nan")
+        return loss, {"loss": loss.detach()}
+    monkeypatch.setattr(train.DiffusionObjective, "forward", poisoned)
+    common = ["--stage", "1", "--config", "tiny", "--manifest", str(clips), "--vae", str(official_vae_ckpt),
+              "--vae-config", "tiny", "--max-nonfinite", "3", *FAST]
+    bad = {2}
+    train.main([*common, "--run-dir", str(tmp_path / "a"), "--max-steps", "3"])
+    lines = log_lines(tmp_path / "a")
+    assert lines[1]["loss"] == "nan" and lines[-1]["line"].endswith("1 steps")
+    bad, calls[:] = set(range(1, 100)), []
+    with pytest.raises(SystemExit, match="3 non-finite losses in a row"):
+        train.main([*common, "--run-dir", str(tmp_path / "b"), "--max-steps", "10"])
+    assert not (tmp_path / "b" / "ckpt.pt").exists()
+
+
+# -----------------------------------------------------------------------------
+# processes: torchrun, stop signals
+
+
+def python_env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_hold_identical_weights(clips, tmp_path, official_vae_ckpt):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), "--stage", "1", "--config", "tiny", "--manifest", str(clips),
+           "--vae", str(official_vae_ckpt), "--vae-config", "tiny", "--run-dir", str(run), "--max-steps", "3",
+           "--accum", "2", *FAST]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=python_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = (run / "log.txt").read_text()
+    assert "2 x 2 x 2 examples per step" in log
+    assert "saved" in log and "the 2 replicas hold identical weights" in log
+    assert load(run / "ckpt.pt")["step"] == 3 and len(load(run / "ckpt.pt")["rng"]) == 2
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_the_run_resumes(clips, tmp_path, official_vae_ckpt):
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--stage", "1", "--config", "tiny", "--manifest", str(clips),
+           "--vae", str(official_vae_ckpt), "--vae-config", "tiny", "--run-dir", str(run), "--max-steps", "100000",
+           *FAST]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=python_env())
+    deadline = time.time() + 120
+    while not ((run / "log.txt").exists() and "step 2/" in (run / "log.txt").read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    step = load(run / "ckpt.pt")["step"]
+    assert step >= 2 and f"stopped by SIGTERM at step {step}" in (run / "log.txt").read_text()
+    train.main(["--resume", "--run-dir", str(run), "--max-steps", str(step + 1)])
+    assert load(run / "ckpt.pt")["step"] == step + 1

@@ -1,0 +1,813 @@
+"""
+Training EzAudio: the waveform VAE, then the paper's three DiT stages, on a CPU, one GPU or many.
+
+Paper: J. Hai et al., "EzAudio: Enhancing Text-to-Audio Generation with Efficient Diffusion Transformer",
+arXiv 2409.10819, Sec. II-C and III; the VAE follows the released recipe (SPEC §3).
+
+  python train.py --stage vae --manifest clips.csv                               # the waveform VAE
+  torchrun --standalone --nproc_per_node=8 train.py --stage 1 --manifest audioset.csv     # masked diffusion, no text
+  torchrun ... train.py --stage 2 --manifest scored.csv --init-from runs/stage1/ckpt.pt     # + text, synthetic captions
+  torchrun ... train.py --stage 3 --manifest audiocaps.csv --init-from runs/stage2/ckpt.pt  # human captions
+
+Read top to bottom: 1. settings  2. distributed set-up  3. the VAE stage's losses  4. the DiT stages' pieces
+5. optimiser, EMA and checkpoints  6. the training loop.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import math
+import os
+import random
+import re
+import signal
+import threading
+import time
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import ezaudio as E
+
+# -----------------------------------------------------------------------------
+# 1. Settings: each stage's defaults (paper Sec. III, SPEC §5; the released VAE config), every one a flag
+#
+# The global batch is batch-size x accum x GPUs: 16 x 1 x 8 = 128, the paper's, on 8 GPUs; on 4 GPUs pass
+# --accum 2. "More fully-masked samples" in stages 2 and 3 (paper Sec. II-C): mae_prob 0.1 instead of 0.25.
+
+SAMPLE_PROMPTS = ["a dog barks twice", "rain falls on a tin roof", "a man speaks while birds chirp",
+                  "a car engine revs up and drives away"]
+COMMON = dict(
+    config="XL", manifest=None, data_root=None, split="train", cache=None, init_from=None, vae=None,
+    vae_config=None, text_encoder=None, segment=10.0, flip=0.5, min_clap=0.0, batch_size=16, accum=1,
+    betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, warmup=5000, clip=1.0, ema=0.0, mae_prob=0.25,
+    text_dropout=0.1, disc_lr=3e-4, disc_filters=64, dtype="auto", compile=False, grad_checkpointing=False,
+    workers=4, seed=0, log_every=50, save_every=5000, sample_every=5000, sample_steps=50,
+    sample_prompts=SAMPLE_PROMPTS, max_nonfinite=20)
+STAGES = {
+    "vae": dict(max_steps=1_000_000, lr=1.5e-4, betas=(0.8, 0.99), weight_decay=1e-3, warmup=1000, clip=0.0,
+                segment=0.5),
+    "1": dict(max_steps=100_000, lr=1e-4),
+    "2": dict(max_steps=50_000, lr=5e-5, mae_prob=0.1, min_clap=0.40),
+    "3": dict(max_steps=30_000, lr=1e-5, mae_prob=0.1),
+}
+# the T5 each preset was released with; a callable builds a small encoder that checkpoints carry inside
+DEFAULT_TEXT_ENCODERS = ({m["dit"]: m["text_encoder"] for m in E.MODELS.values() if "dit" in m}
+                         | {"toy": data.toy_text_encoder})
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], argument_default=argparse.SUPPRESS)
+    a = p.add_argument
+    a("--stage", choices=list(STAGES), help="vae: the waveform VAE; 1: masked diffusion on unlabeled audio; "
+                                            "2: add text, CLAP-filtered synthetic captions; 3: human captions")
+    a("--config", help=f"model preset: {', '.join(E.DIT_PRESETS)} (for the VAE stage: {', '.join(E.VAE_PRESETS)}, "
+                       "other names mean released); default XL, or the --init-from checkpoint's")
+    a("--manifest", help="training clips: CSV (audio_path,caption,split[,clap_score]) or JSON Lines")
+    a("--data-root", help="folder that relative audio paths start from (default: the manifest's folder)")
+    a("--split", help="train on the manifest rows of this split, when it has a split column (default: train)")
+    a("--cache", help="folder made by `python data.py cache`: train on its latents and T5 outputs")
+    a("--run-dir", help="where ckpt.pt, log.txt and samples/ go (default: runs/vae, runs/stage1, ...)")
+    a("--resume", action="store_true", help="continue the run in --run-dir exactly where its checkpoint stopped")
+    a("--init-from", help="checkpoint to start from: stage 1's for stage 2, stage 2's for stage 3, or a released "
+                          "EzAudio file; for the VAE stage a VAE file")
+    a("--vae", help="VAE that makes the latents: released-format file or VAE-stage checkpoint "
+                    "(default: --init-from's, else the released VAE, downloaded)")
+    a("--vae-config", help="VAE preset of a released-format --vae file (default: --config's if it is one, "
+                           "else released)")
+    a("--text-encoder", help="T5 hub name or folder, stages 2 and 3 (default: --init-from's, else flan-t5-xl for XL, "
+                             "flan-t5-large for L)")
+    a("--segment", type=float, help="seconds of audio per example (default 10; VAE 0.5)")
+    a("--flip", type=float, help="probability of flipping a clip's polarity (default 0.5)")
+    a("--min-clap", type=float, help="train on rows with clap_score >= this, 0 = all (default 0.40 in stage 2, else 0)")
+    a("--batch-size", type=int, help="examples per process per micro-batch (default 16)")
+    a("--accum", type=int, help="micro-batches per optimiser step (default 1)")
+    a("--max-steps", type=int, help="optimiser steps (default: 100K, 50K, 30K for stages 1-3; 1M for the VAE)")
+    a("--lr", type=float, help="peak learning rate (default: 1e-4, 5e-5, 1e-5 for stages 1-3; VAE 1.5e-4)")
+    a("--disc-lr", type=float, help="VAE stage: the discriminator's learning rate (default 3e-4)")
+    a("--disc-filters", type=int, help="VAE stage: channels of the discriminator's convolutions (default 64)")
+    a("--betas", type=float, nargs=2, help="AdamW betas (default 0.9 0.999; VAE 0.8 0.99)")
+    a("--eps", type=float, help="AdamW epsilon (default 1e-8)")
+    a("--weight-decay", type=float, help="AdamW weight decay, on Linear and Conv weights only (default 0.01; "
+                                         "VAE 1e-3)")
+    a("--warmup", type=int, help="steps of learning-rate warm-up: linear in the DiT stages (default 5000), "
+                                 "exponential in the VAE stage (default 1000: 1 - 0.999^step)")
+    a("--clip", type=float, help="gradient-norm clipping, 0 = off (default 1.0; VAE off)")
+    a("--ema", type=float, help="decay of an EMA of the DiT's weights, 0 = none (default 0; e.g. 0.9999)")
+    a("--mae-prob", type=float, help="probability that an example is span-masked rather than fully masked "
+                                     "(default 0.25 in stage 1, 0.1 in stages 2 and 3)")
+    a("--text-dropout", type=float, help="fraction of captions replaced by \"\" for classifier-free guidance "
+                                         "(default 0.1)")
+    a("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="autocast precision: auto = bf16 on GPUs that "
+                                                                "have it, else fp16 with loss scaling; fp32 on CPUs")
+    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default off)")
+    a("--grad-checkpointing", action=argparse.BooleanOptionalAction,
+      help="recompute each DiT block in the backward pass: less memory, about a third more time (default off)")
+    a("--workers", type=int, help="data-loading processes per GPU (default 4)")
+    a("--seed", type=int, help="random seed; rank r draws from seed + r (default 0)")
+    a("--log-every", type=int, help="steps between log lines (default 50)")
+    a("--save-every", type=int, help="steps between checkpoints (default 5000; also at the end and on SIGTERM/SIGINT)")
+    a("--sample-every", type=int, help="steps between preview samples in <run-dir>/samples, 0 = never (default 5000)")
+    a("--sample-steps", type=int, help="DDIM steps of the preview samples (default 50)")
+    a("--sample-prompts", nargs="+", help="prompts of the preview samples")
+    a("--max-nonfinite", type=int, help="stop after this many non-finite losses in a row (default 20)")
+    return p
+
+
+def fail(message):
+    raise SystemExit(f"error: {message}")
+
+
+def settings(argv=None):
+    """Settings in layers: common defaults < the stage's < the starting checkpoint's VAE and text encoder < the
+    resumed run's < flags given now. Returns (args, the resumed checkpoint or None, --init-from's or None)."""
+    given = vars(parser().parse_args(argv))
+    resume = given.pop("resume", False)
+    stage = given.get("stage")
+    run_dir = given.get("run_dir") or (stage and os.path.join("runs", "vae" if stage == "vae" else f"stage{stage}"))
+    path = run_dir and os.path.join(run_dir, "ckpt.pt")
+    saved = init = None
+    try:
+        if resume:
+            if not run_dir:
+                fail("--resume needs the --run-dir to continue")
+            saved = E.load_file(path)
+            if stage and stage != str(saved["stage"]):
+                fail(f"{path} is a stage-{saved['stage']} run, not stage {stage}")
+            stage = str(saved["stage"])
+        elif stage is None:
+            fail("choose what to train with --stage (vae, 1, 2 or 3)")
+        elif os.path.isfile(path):
+            fail(f"{path} exists; pass --resume to continue that run, or another --run-dir")
+        resumed = {k: v for k, v in (saved["config"]["train"] if saved else {}).items() if v is not None}
+        init_from = given.get("init_from", resumed.get("init_from"))
+        if init_from and not saved:
+            init = E.load_file(init_from)
+    except E.CheckpointError as e:
+        fail(e)
+    source = saved or init
+    inherited = {}
+    if E.is_project_checkpoint(source) and stage != "vae":
+        inherited = {"config": source["config"]["train"].get("config"), "vae": source["config"].get("vae_path"),
+                     "vae_config": source["config"]["train"].get("vae_config"),
+                     "text_encoder": source["config"].get("text_encoder")}
+    elif isinstance(init, dict) and isinstance(init.get("model"), dict):  # a released EzAudio file
+        released = E.guess_released_model(init["model"])
+        inherited = {"config": E.MODELS[released]["dit"] if released else None}
+    inherited = {k: v for k, v in inherited.items() if v is not None}
+    args = argparse.Namespace(**{**COMMON, **STAGES[stage], **inherited, **resumed, **given, "stage": stage,
+                                 "run_dir": run_dir})
+    args.betas = tuple(args.betas)
+    if args.vae_config and args.vae_config not in E.VAE_PRESETS:
+        fail(f"unknown --vae-config {args.vae_config!r}; choose one of {', '.join(E.VAE_PRESETS)}")
+    if stage != "vae" and args.config not in E.DIT_PRESETS and not init:
+        fail(f"unknown --config {args.config!r}; choose one of {', '.join(E.DIT_PRESETS)}")
+    if not args.manifest:
+        fail("pass the training clips with --manifest (see README, Training)")
+    return args, saved, init
+
+
+# -----------------------------------------------------------------------------
+# 2. Distributed set-up: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain python is rank 0 of 1
+
+
+def setup_distributed():
+    """(rank, world size, device). Joins the process group under torchrun: NCCL on GPUs, gloo on CPUs."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def gather(obj, world):
+    """Every rank's `obj`, in rank order, on every rank."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def fingerprint(module):
+    """A hash of every weight's bytes: replicas that stayed in step have the same one."""
+    h = hashlib.sha1()
+    for v in module.state_dict().values():
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# 3. The VAE stage (SPEC §3): spectral reconstruction, KL, and a multi-scale STFT critic
+#
+# The released VAE's losses (official_keys.json, vae.config.training): multi-resolution STFT loss on
+# A-weighted audio (1.0), KL (1e-4), hinge adversarial loss (0.1) and feature matching (5.0) against EnCodec's
+# multi-scale STFT discriminator. Both players update every step from the same state.
+
+STFT_RESOLUTIONS = [(1280, 320), (640, 160), (320, 80), (160, 40), (80, 20), (40, 10), (20, 5)]  # (FFT, hop)
+DISC_RESOLUTIONS = [(1280, 320), (640, 160), (320, 80), (160, 40), (80, 20)]
+VAE_LOSS_WEIGHTS = {"stft": 1.0, "kl": 1e-4, "adv": 0.1, "fm": 5.0}
+
+
+def a_weighting_filter(sample_rate, taps=101):
+    """A linear-phase FIR filter following the A-weighting curve (IEC 61672), gain 1 at 1 kHz: the released STFT
+    loss's "perceptual weighting", which weighs errors by how loud the ear finds each frequency. (taps,)"""
+    def response(f2):
+        return 12194 ** 2 * f2 ** 2 / ((f2 + 20.6 ** 2) * ((f2 + 107.7 ** 2) * (f2 + 737.9 ** 2)).sqrt()
+                                       * (f2 + 12194 ** 2))
+    n = 4096
+    f2 = torch.fft.rfftfreq(n, 1 / sample_rate, dtype=torch.float64) ** 2
+    impulse = torch.fft.irfft(response(f2) / response(torch.tensor(1000.0 ** 2, dtype=torch.float64)), n)
+    kernel = torch.roll(impulse, taps // 2)[:taps] * torch.hann_window(taps, periodic=False, dtype=torch.float64)
+    return kernel.float()
+
+
+def stft_magnitude(x, n_fft, hop):
+    """(B, T) -> (B, n_fft // 2 + 1, frames), floored so that its log stays finite."""
+    spec = torch.stft(x, n_fft, hop, window=torch.hann_window(n_fft, device=x.device), return_complex=True)
+    return (spec.real ** 2 + spec.imag ** 2).clamp(min=1e-8).sqrt()
+
+
+class MultiResolutionSTFTLoss(nn.Module):
+    """Spectral convergence plus log-magnitude L1, averaged over FFT sizes (Yamamoto et al., "Parallel WaveGAN",
+    2020), on A-weighted waveforms, in float32."""
+
+    def __init__(self, sample_rate, resolutions=STFT_RESOLUTIONS):
+        super().__init__()
+        self.resolutions = resolutions
+        self.register_buffer("weighting", a_weighting_filter(sample_rate)[None, None], persistent=False)
+
+    def forward(self, fake, real):  # (B, 1, T) each
+        with torch.autocast(fake.device.type, enabled=False):
+            fake, real = (F.conv1d(x.float(), self.weighting, padding=self.weighting.shape[-1] // 2)[:, 0]
+                          for x in (fake, real))
+            total = 0.0
+            for n_fft, hop in self.resolutions:
+                f, r = stft_magnitude(fake, n_fft, hop), stft_magnitude(real, n_fft, hop)
+                total = total + (r - f).norm() / r.norm() + (f.log() - r.log()).abs().mean()
+        return total / len(self.resolutions)
+
+
+class STFTDiscriminator(nn.Module):
+    """One scale of EnCodec's MS-STFT discriminator (Défossez et al., 2022, Sec. 3.4): 2-D convolutions over the
+    complex STFT (real and imaginary parts as two channels), dilated in time and strided in frequency."""
+
+    def __init__(self, filters, n_fft, hop):
+        super().__init__()
+        self.n_fft, self.hop = n_fft, hop
+        self.convs = nn.ModuleList(
+            [nn.Conv2d(2, filters, (3, 9), padding=(1, 4))]
+            + [nn.Conv2d(filters, filters, (3, 9), stride=(1, 2), dilation=(d, 1), padding=(d, 4)) for d in (1, 2, 4)]
+            + [nn.Conv2d(filters, filters, 3, padding=1)])
+        self.out = nn.Conv2d(filters, 1, 3, padding=1)
+
+    def forward(self, audio):
+        """(B, 1, T) -> logits (B, 1, frames, F') and the feature maps of every layer."""
+        with torch.autocast(audio.device.type, enabled=False):
+            spec = torch.stft(audio[:, 0].float(), self.n_fft, self.hop, normalized=True, return_complex=True,
+                              window=torch.hann_window(self.n_fft, device=audio.device))  # (B, F, frames)
+        x = torch.stack([spec.real, spec.imag], dim=1).transpose(2, 3)  # (B, 2, frames, F)
+        features = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.2)
+            features.append(x)
+        return self.out(x), features
+
+
+class MultiScaleSTFTDiscriminator(nn.Module):
+    def __init__(self, filters=64, resolutions=DISC_RESOLUTIONS):
+        super().__init__()
+        self.scales = nn.ModuleList([STFTDiscriminator(filters, n_fft, hop) for n_fft, hop in resolutions])
+
+    def forward(self, audio):
+        return [scale(audio) for scale in self.scales]
+
+
+class VAEObjective(nn.Module):
+    """Both players' losses in one forward, so that one backward serves both: the VAE's terms see the critic
+    through detached weights (they train only the VAE), the critic's hinge loss sees a detached reconstruction
+    (it trains only the critic)."""
+
+    def __init__(self, vae, discriminator):
+        super().__init__()
+        self.vae, self.discriminator = vae, discriminator
+        self.stft = MultiResolutionSTFTLoss(vae.cfg.sample_rate)
+
+    def forward(self, audio, generator):
+        real = audio[:, None]  # (B, 1, T)
+        mean, std = self.vae.posterior(real)
+        z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        fake = self.vae.decode(z)[..., : real.shape[-1]]
+        frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+        seen_by_vae = functional_call(self.discriminator, frozen, (fake,))
+        seen_by_critic = self.discriminator(torch.cat([real, fake.detach()]))
+        adv = fm = critic = 0.0
+        for (fake_logits, fake_features), (logits, features) in zip(seen_by_vae, seen_by_critic):
+            real_logits, fake_logits_critic = logits.chunk(2)
+            adv = adv + F.relu(1 - fake_logits).mean()
+            critic = critic + F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits_critic).mean()
+            for f, both in zip(fake_features, features):
+                r = both.chunk(2)[0].detach()
+                fm = fm + (f - r).abs().mean() / r.abs().mean().clamp(min=1e-8)  # relative, as EnCodec's
+        scales = len(seen_by_critic)
+        parts = {"stft": self.stft(fake, real), "kl": E.kl_divergence(mean.float(), std.float()),
+                 "adv": adv / scales, "fm": fm / (scales * len(features)), "disc": critic / scales}
+        loss = sum(w * parts[k] for k, w in VAE_LOSS_WEIGHTS.items()) + parts["disc"]
+        return loss, {k: v.detach() for k, v in parts.items()}
+
+
+# -----------------------------------------------------------------------------
+# 4. The DiT stages: the model, its start, its inputs, and preview samples
+
+
+class DiffusionObjective(nn.Module):
+    """The masked-diffusion loss (paper Sec. II-C) as one module, so that DDP wraps a single forward."""
+
+    def __init__(self, dit):
+        super().__init__()
+        self.dit, self.diffusion = dit, E.Diffusion()
+
+    def forward(self, x0, context, context_mask, generator):
+        loss = E.diffusion_loss(self.dit, self.diffusion, x0, context, context_mask, generator)
+        return loss, {"loss": loss.detach()}
+
+
+TEXT_PARTS = {"cross_attn", "norm2", "norm_context", "context_embed"}  # what stage 2 adds to a stage-1 model
+
+
+def hand_over(dit, state, name):
+    """Load a previous stage's weights into a freshly initialised `dit`. Parts that are new must be the text
+    path (stage 1 -> 2), whose zero-initialised cross-attention output leaves the model's output unchanged."""
+    own = dit.state_dict()
+    unexpected = [k for k in state if k not in own or state[k].shape != own[k].shape]
+    new = [k for k in own if k not in state]
+    if unexpected or any(not TEXT_PARTS & set(k.split(".")) for k in new):
+        wrong = unexpected or [k for k in new if not TEXT_PARTS & set(k.split("."))]
+        fail(f"{name} does not fit the {dit.cfg.dim}-wide, {dit.cfg.depth}-deep model: {', '.join(wrong[:3])}"
+             f"{' ...' if len(wrong) > 3 else ''} (a DiT checkpoint of this --config is needed)")
+    dit.load_state_dict(state, strict=False)
+
+
+def build_dit(args, context_dim, init, saved):
+    """The DiT to train: the resumed run's shape, or --init-from's weights (its EMA when it has one) handed over,
+    or the --config preset from scratch; with the text width of this stage (0 in stage 1)."""
+    state = None
+    if saved:
+        cfg = E.config_from_dict(E.DiTConfig, saved["config"]["dit"])
+    elif E.is_project_checkpoint(init):
+        if init["config"].get("dit") is None:
+            fail(f"{args.init_from} is a VAE checkpoint; a DiT stage starts from a DiT stage's checkpoint")
+        cfg, state = E.config_from_dict(E.DiTConfig, init["config"]["dit"]), init.get("ema") or init["model"]
+    elif init is not None:  # a released EzAudio file, of the --config preset
+        if not isinstance(init.get("model"), dict):
+            fail(f"{args.init_from}: neither an EzAudio checkpoint nor one of this project's")
+        cfg, state = E.DIT_PRESETS[args.config], init["model"]
+    else:
+        cfg = E.DIT_PRESETS[args.config]
+    dit = E.EzAudioDiT(replace(cfg, context_dim=context_dim, mae_prob=args.mae_prob)).init_weights()
+    if state is not None:
+        hand_over(dit, state, args.init_from)
+    dit.model.grad_checkpointing = args.grad_checkpointing
+    return dit
+
+
+def text_encoder_source(args, source):
+    """(hub name or folder, embedded state) of the stages 2-3 text encoder: --text-encoder (or the starting
+    checkpoint's name), the starting checkpoint's embedded one, else the --config preset's."""
+    if args.text_encoder:
+        return args.text_encoder, None
+    if source is not None and source.get("text_encoder") is not None:
+        return None, source["text_encoder"]
+    default = DEFAULT_TEXT_ENCODERS.get(args.config)
+    if default is None:
+        fail(f"--config {args.config} has no default text encoder; pass --text-encoder (a T5 hub name or folder)")
+    return (None, default().state()) if callable(default) else (default, None)
+
+
+def load_text_encoder(name, state):
+    """(encoder, name, embedded state): a ByT5-tokenised encoder is carried inside checkpoints, others by name."""
+    try:
+        encoder = E.TextEncoder.from_state(state) if state is not None else E.TextEncoder.from_pretrained(name)
+    except E.CheckpointError as e:
+        fail(e)
+    state = state or data.embedded_text_encoder(encoder)
+    return encoder, None if state is not None else name, state
+
+
+def posterior(batch, vae, device):
+    """Mean and std (B, C, L) of each clip's latent: from the cache, or encoded now by the frozen VAE."""
+    if "mean" in batch:
+        return batch["mean"].to(device), batch["std"].to(device)
+    with torch.no_grad():
+        return vae.posterior(batch["audio"].to(device)[:, None])
+
+
+def text_condition(batch, text_encoder, empty, dropout, generator, device):
+    """Context (B, Lc, D) and mask (B, Lc) of the captions, `dropout` of them replaced by "" so that the model
+    also learns the unconditional velocity that classifier-free guidance needs (paper Sec. III)."""
+    drop = (torch.rand(len(batch["caption"]), generator=generator, device=generator.device) < dropout).tolist()
+    if "context" in batch:  # T5 outputs from the cache
+        context, mask = data.stack_contexts([empty if d else c for c, d in zip(batch["context"], drop)])
+        return context.to(device), mask.to(device)
+    with torch.no_grad():
+        return text_encoder(["" if d else c for c, d in zip(batch["caption"], drop)])
+
+
+def slug(text):
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "unconditional"
+
+
+@torch.no_grad()
+def write_samples(folder, dit, vae, text_encoder, prompts, frames, steps, amp):
+    """Preview clips for fixed prompts (unconditional in stage 1) with the paper's sampler settings."""
+    import soundfile as sf
+    device = next(dit.parameters()).device
+    dit.eval()
+    diffusion = E.Diffusion().to(device)
+    generator = torch.Generator(device).manual_seed(0)
+    if text_encoder is not None:
+        context, mask = text_encoder(prompts)
+        negative = text_encoder([""] * len(prompts))
+    else:
+        context = mask = None
+        negative, prompts = (None, None), [""] * len(prompts)
+    with amp:
+        latents = diffusion.sample(dit, context, mask, *negative, length=frames, steps=steps, generator=generator,
+                                   batch=len(prompts))
+        audio = vae.decode(latents).float().cpu()[:, 0]
+    os.makedirs(folder, exist_ok=True)
+    for i, (clip, prompt) in enumerate(zip(audio, prompts)):
+        sf.write(os.path.join(folder, f"{i}_{slug(prompt)}.wav"), clip.numpy(), vae.cfg.sample_rate)
+    dit.train()
+
+
+@torch.no_grad()
+def write_reconstructions(folder, vae, audio):
+    """The VAE stage's previews: fixed clips and their reconstructions through the posterior mean."""
+    import soundfile as sf
+    vae.eval()
+    recon = vae.decode(vae.encode(audio[:, None], sample=False)).float().cpu()[:, 0]
+    os.makedirs(folder, exist_ok=True)
+    for i, (clip, out) in enumerate(zip(audio.cpu(), recon)):
+        sf.write(os.path.join(folder, f"{i}_input.wav"), clip.numpy(), vae.cfg.sample_rate)
+        sf.write(os.path.join(folder, f"{i}_reconstruction.wav"), out.numpy(), vae.cfg.sample_rate)
+    vae.train()
+
+
+# -----------------------------------------------------------------------------
+# 5. Optimiser, learning rate, EMA, checkpoints
+
+
+def adamw(module, lr, args, fused=False):
+    """AdamW with weight decay on the weights of Linear and Conv layers only: not on biases, norms, Snake
+    parameters, weight-norm gains, embeddings or modulation tables."""
+    decay, rest = [], []
+    for m in module.modules():
+        for name, p in m.named_parameters(recurse=False):
+            layer = isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+            (decay if layer and name in ("weight", "weight_v") else rest).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=args.betas, eps=args.eps, fused=fused)
+
+
+def lr_factor(step, args):
+    """DiT stages: linear warm-up, then constant (paper Sec. III). VAE: the released InverseLR schedule, an
+    exponential warm-up 1 - (1 - 1/warmup)^(step+1) (warmup 1000: 0.999) times a decay (1 + step / 200000)^-0.5."""
+    if args.stage == "vae":
+        warm = 1 - (1 - 1 / args.warmup) ** (step + 1) if args.warmup > 0 else 1.0
+        return warm * (1 + step / 200_000) ** -0.5
+    return min(1.0, (step + 1) / args.warmup) if args.warmup > 0 else 1.0
+
+
+class EMA:
+    """An exponential moving average of the weights, the model that previews and sampling prefer."""
+
+    def __init__(self, model, decay):
+        import copy
+        self.model, self.decay = copy.deepcopy(model).eval().requires_grad_(False), decay
+
+    @torch.no_grad()
+    def update(self, model):
+        for ema, p in zip(self.model.parameters(), model.parameters()):
+            ema.lerp_(p, 1 - self.decay)
+
+
+def rng_state(generator):
+    """This process's random states, as plain data."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "generator": generator.get_state(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "cuda": torch.cuda.get_rng_state(generator.device) if generator.device.type == "cuda" else None}
+
+
+def set_rng_state(state, generator):
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    generator.set_state(state["generator"])
+    np.random.set_state((state["numpy"][0], state["numpy"][1].numpy().astype(np.uint32), *state["numpy"][2:]))
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], generator.device)
+
+
+class StopSignal:
+    """Remembers a SIGTERM or SIGINT so that the loop saves and exits after the current step; a second one
+    acts at once."""
+
+    def __enter__(self):
+        self.received, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, self.previous[signum])
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def micro_batches(dataset, position, args, rank, world, pin):
+    """Batches, epoch after epoch. `position` (epoch, batches taken in it) stays current, so that a checkpoint
+    resumes mid-epoch at the very next batch."""
+    while True:
+        dataset.set_epoch(position["epoch"])
+        sampler = data.ShardSampler(len(dataset), rank, world, args.seed, position["epoch"],
+                                    position["batch"] * args.batch_size)
+        loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, drop_last=True,
+                                             num_workers=args.workers, collate_fn=data.collate, pin_memory=pin)
+        for batch in loader:
+            position["batch"] += 1
+            yield batch
+        position.update(epoch=position["epoch"] + 1, batch=0)
+
+
+# -----------------------------------------------------------------------------
+# 6. The training loop
+
+
+def main(argv=None):
+    args, saved, init = settings(argv)
+    rank, world, device = setup_distributed()
+    try:
+        train(args, saved, init, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, saved, init, rank, world, device):
+    from tqdm import tqdm
+    master, vae_stage, cuda = rank == 0, args.stage == "vae", device.type == "cuda"
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    generator = torch.Generator(device).manual_seed(args.seed + rank)  # timesteps, noise, masks, caption dropout
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(args.dtype)
+    if args.dtype == "auto":
+        amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    def log(line):
+        """A line on the console and in <run-dir>/log.txt, from rank 0."""
+        if master:
+            tqdm.write(line)
+            with open(os.path.join(args.run_dir, "log.txt"), "a") as f:
+                f.write(line + "\n")
+    os.makedirs(args.run_dir, exist_ok=True)
+
+    # the data: captions for stages 2 and 3; the cache when given
+    meta = data.read_cache_meta(args.cache) if args.cache else None
+    if vae_stage and meta:
+        fail("the VAE stage trains on audio; leave out --cache")
+    if args.stage in ("2", "3") and meta and meta["empty"] is None:
+        fail(f"{args.cache} holds no T5 outputs; make it with `python data.py cache --text-encoder ...`")
+    try:
+        rows = data.read_manifest(args.manifest, args.data_root, args.split, args.min_clap,
+                                  captions=args.stage in ("2", "3"))
+    except ValueError as e:
+        fail(e)
+
+    # the models: a VAE and its critic, or a DiT with its frozen VAE and text encoder
+    source = saved or (init if E.is_project_checkpoint(init) else None)
+    vae_preset = args.vae_config or (args.config if args.config in E.VAE_PRESETS else "released")
+    preview = master and args.sample_every > 0
+    text_encoder = text_name = text_state = vae = None
+    if vae_stage:
+        try:
+            vae = (E.vae_from_checkpoint(init, E.VAE_PRESETS[vae_preset], args.init_from) if init is not None
+                   else E.WaveformVAE(E.VAE_PRESETS[vae_preset]))
+        except (E.CheckpointError, KeyError) as e:
+            fail(e)
+        discriminator = MultiScaleSTFTDiscriminator(args.disc_filters)
+        objective = VAEObjective(vae, discriminator).to(device)
+        vae_cfg, vae_path, dit, ema = vae.cfg, None, None, None
+        models = [vae, discriminator]
+        base_lrs = [args.lr, args.disc_lr]
+    else:
+        vae_path = meta["vae_path"] if meta else args.vae
+        if meta is None or preview:  # with a cache, the VAE only decodes previews
+            try:
+                vae, vae_path = data.load_vae(vae_path, E.config_from_dict(E.VAEConfig, meta["vae"]) if meta
+                                              else E.VAE_PRESETS[vae_preset])
+            except (E.CheckpointError, ValueError) as e:
+                fail(e)
+            vae = vae.to(device)
+        vae_cfg = vae.cfg if vae is not None else E.config_from_dict(E.VAEConfig, meta["vae"])
+        context_dim = 0
+        if args.stage in ("2", "3"):
+            text_name, text_state = ((meta["text_encoder"], meta["text_encoder_state"]) if meta
+                                     else text_encoder_source(args, source))
+            if meta is None or preview:  # with a cache, the text encoder only prompts previews
+                text_encoder, text_name, text_state = load_text_encoder(text_name, text_state)
+                text_encoder = text_encoder.to(device)
+            context_dim = text_encoder.dim if text_encoder is not None else meta["empty"].shape[-1]
+        dit = build_dit(args, context_dim, init, saved)
+        if dit.cfg.latent_dim != vae_cfg.latent_dim:
+            fail(f"the VAE's latent_dim {vae_cfg.latent_dim} does not match the DiT's {dit.cfg.latent_dim}; "
+                 "pass the matching --vae (and --vae-config)")
+        objective = DiffusionObjective(dit).to(device)
+        ema = EMA(dit, args.ema) if args.ema > 0 else None
+        models, base_lrs = [dit], [args.lr]
+        empty = meta["empty"].float() if meta and meta["empty"] is not None else None
+    frames = max(1, round(args.segment * vae_cfg.sample_rate / vae_cfg.hop))  # latent frames per example
+    dataset = (data.CachedClips(rows, args.cache, frames, args.seed) if meta else
+               data.AudioClips(rows, vae_cfg.sample_rate, frames * vae_cfg.hop, args.seed, args.flip))
+    if math.ceil(len(dataset) / world) < args.batch_size:
+        fail(f"{len(dataset)} clips are fewer than --batch-size {args.batch_size} per process x {world} processes")
+    optimizers = [adamw(m, lr, args, fused=cuda) for m, lr in zip(models, base_lrs)]
+
+    # resume: weights, optimiser, loss scale, random states and data position exactly as they were saved
+    step, position = 0, {"epoch": 0, "batch": 0}
+    if saved:
+        for key, m in (("vae", vae), ("discriminator", discriminator)) if vae_stage else (("model", dit),):
+            E.load_weights(m, saved[key], f"{args.run_dir}/ckpt.pt")
+        if ema:
+            E.load_weights(ema.model, saved["ema"] or saved["model"], f"{args.run_dir}/ckpt.pt")
+        for opt, state in zip(optimizers, saved["optimizer"]):
+            opt.load_state_dict(state)
+        scaler.load_state_dict(saved["scaler"])
+        step, position = saved["step"], dict(saved["data"])
+        if rank < len(saved["rng"]):
+            set_rng_state(saved["rng"][rank], generator)
+        if (position.pop("world_size"), position.pop("batch_size")) != (world, args.batch_size):
+            log(f"warning: resumed with another number of processes or --batch-size; the data order restarts "
+                f"at the beginning of epoch {position['epoch']}")
+            position["batch"] = 0
+    model = torch.compile(objective) if args.compile else objective
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if cuda else None)
+    if master:
+        n = sum(p.numel() for m in models for p in m.parameters())
+        log(f"stage {args.stage}: {n:,} parameters, {len(dataset)} clips, {frames} latent frames per example, "
+            f"{args.batch_size} x {args.accum} x {world} examples per step, {device.type}"
+            f"{f' {amp_dtype}' if amp_dtype else ' fp32'}" + (f", resumed at step {step}" if saved else ""))
+    previews = (data.collate([dataset[i] for i in range(min(4, len(dataset)))])["audio"].to(device)
+                if vae_stage and preview else None)
+
+    def save():
+        rngs = gather(rng_state(generator), world)
+        if world > 1 and len(set(gather(fingerprint(objective), world))) > 1:
+            fail(f"the {world} replicas' weights differ at step {step}; the run is broken, resume from the last "
+                 "checkpoint")
+        if not master:
+            return
+        ckpt = {"format": "ezaudio", "stage": args.stage if vae_stage else int(args.stage), "step": step,
+                "config": {"dit": None if vae_stage else asdict(dit.cfg), "vae": asdict(vae_cfg),
+                           "vae_path": vae_path, "text_encoder": text_name, "train": vars(args)},
+                "model": None if vae_stage else dit.state_dict(), "ema": ema.model.state_dict() if ema else None,
+                "vae": vae.state_dict() if vae_stage else None,
+                "discriminator": discriminator.state_dict() if vae_stage else None, "text_encoder": text_state,
+                "optimizer": [o.state_dict() for o in optimizers], "scaler": scaler.state_dict(), "rng": rngs,
+                "data": {**position, "world_size": world, "batch_size": args.batch_size}}
+        data.save_atomic(ckpt, os.path.join(args.run_dir, "ckpt.pt"))
+        log(f"saved {os.path.join(args.run_dir, 'ckpt.pt')} at step {step}"
+            + (f"; the {world} replicas hold identical weights" if world > 1 else ""))
+
+    batches = micro_batches(dataset, position, args, rank, world, pin=cuda)
+    params = [[p for p in m.parameters() if p.requires_grad] for m in models]
+    window = {"start": time.time(), "steps": 0, "sums": {}, "grad": 0.0}
+    skipped_rows, nonfinite, in_a_row = set(), 0, 0
+    bar = tqdm(total=args.max_steps, initial=step, disable=not master, unit="step", dynamic_ncols=True)
+    with StopSignal() as stop:
+        while step < args.max_steps:
+            for opt, base in zip(optimizers, base_lrs):
+                for group in opt.param_groups:
+                    group["lr"] = base * lr_factor(step, args)
+            sums = {}
+            for micro in range(args.accum):
+                try:
+                    batch = next(batches)
+                except data.AudioError:
+                    fail(f"no row of {args.manifest} can be loaded; see `python data.py check --manifest "
+                         f"{args.manifest}`")
+                for row, message in batch["skipped"]:
+                    if row not in skipped_rows:
+                        skipped_rows.add(row)
+                        tqdm.write(f"warning: skipping manifest row {row}: {message}")
+                if vae_stage:
+                    inputs = (batch["audio"].to(device, non_blocking=True), generator)
+                else:
+                    mean, std = posterior(batch, vae, device)
+                    x0 = mean + std * torch.randn(mean.shape, generator=generator, device=device)
+                    context = mask = None
+                    if dit.cfg.context_dim:
+                        context, mask = text_condition(batch, text_encoder, empty, args.text_dropout, generator,
+                                                       device)
+                    inputs = (x0, context, mask, generator)
+                last = micro == args.accum - 1
+                with (model.no_sync() if world > 1 and not last else contextlib.nullcontext()), autocast():
+                    loss, parts = model(*inputs)
+                scaler.scale(loss / args.accum).backward()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v.float() / args.accum
+            # one all-reduce carries the losses and whether any rank was told to stop
+            names = list(sums)
+            shared = torch.stack([sums[k] for k in names]
+                                 + [torch.tensor(float(stop.received is not None), device=device)])
+            if world > 1:
+                dist.all_reduce(shared)
+                shared[:-1] /= world
+            shared = shared.cpu()
+            values = dict(zip(names, shared[:-1].tolist()))
+            finite = all(math.isfinite(v) for v in values.values())
+            grad = float("nan")
+            if finite:
+                for i, (opt, group) in enumerate(zip(optimizers, params)):
+                    scaler.unscale_(opt)
+                    norm = float(nn.utils.clip_grad_norm_(group, args.clip if args.clip > 0 else float("inf")))
+                    grad = norm if i == 0 else grad
+                    finite &= scaler.is_enabled() or math.isfinite(norm)  # fp16: the scaler skips inf steps
+            if finite:
+                for opt in optimizers:
+                    scaler.step(opt)
+                scaler.update()
+                if ema:
+                    ema.update(dit)
+                in_a_row = 0
+            else:
+                nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
+                if in_a_row >= args.max_nonfinite:
+                    fail(f"{in_a_row} non-finite losses in a row up to step {step + 1}: the run diverged; resume "
+                         "from the last checkpoint with a lower --lr (or --dtype fp32)")
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+
+            # logging, checkpoints, previews
+            window["steps"] += 1
+            window["grad"] += grad
+            for k, v in values.items():
+                window["sums"][k] = window["sums"].get(k, 0.0) + v
+            if step % args.log_every == 0 or step == args.max_steps:
+                rows_skipped = len(set().union(*gather(skipped_rows, world)))
+                elapsed, n = time.time() - window["start"], window["steps"]
+                examples = n * args.batch_size * args.accum * world / elapsed
+                line = (f"step {step}/{args.max_steps} | "
+                        + " | ".join(f"{k} {v / n:.5g}" for k, v in window["sums"].items())
+                        + f" | lr {optimizers[0].param_groups[0]['lr']:.3g} | grad {window['grad'] / n:.4g}"
+                        + f" | {examples:.1f} samples/s | {examples * frames:.0f} frames/s"
+                        + (f" | mem {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB" if cuda else "")
+                        + f" | skipped {rows_skipped} rows, {nonfinite} steps")
+                bar.set_postfix_str(line.split(" | ", 1)[1][:60])
+                log(line)
+                window.update(start=time.time(), steps=0, sums={}, grad=0.0)
+            stopping = shared[-1] > 0
+            if step % args.save_every == 0 or stopping:
+                save()
+            if preview and step % args.sample_every == 0:
+                folder = os.path.join(args.run_dir, "samples", f"step{step:07d}")
+                if vae_stage:
+                    write_reconstructions(folder, vae, previews)
+                else:
+                    write_samples(folder, ema.model if ema else dit, vae, text_encoder, args.sample_prompts,
+                                  frames, args.sample_steps, autocast())
+            if stopping:
+                log(f"stopped by {stop.received or 'another rank'} at step {step}; continue with --resume")
+                break
+        else:  # finished (or nothing left to do): the final checkpoint
+            if step % args.save_every or step == 0:
+                save()
+    bar.close()
+
+
+if __name__ == "__main__":
+    main()
