@@ -221,6 +221,7 @@ def bench_vae(args, device):
 
 
 # -----------------------------------------------------------------------------
+# The command line
 
 
 def machine(device):
@@ -270,7 +271,8 @@ def main(argv=None):
     try:
         on_gpu = torch.device(args.device or default_device()).type == "cuda"
         args.dtype = args.dtype or ("bf16" if on_gpu else "fp32")
-        device = usable_device(args.device, DTYPES[args.dtype])
+        dtype = DTYPES[args.dtype]
+        device = usable_device(args.device, dtype)
     except (RuntimeError, ValueError) as e:  # RuntimeError: not a device name at all
         raise SystemExit(f"error: {str(e).partition(chr(10))[0]}") from None
     if DIT_PRESETS[args.preset].latent_dim != VAE_PRESETS[args.vae].latent_dim:
@@ -279,7 +281,6 @@ def main(argv=None):
     torch.manual_seed(0)
     print(f"ezaudio bench: DiT {args.preset}, VAE {args.vae}, {args.dtype}, {machine(device)}, "
           f"torch {torch.__version__}" + (", compiled" if args.compile else ""))
-    dtype = DTYPES[args.dtype]
     if "train" in args.what:
         bench_train(args, device, dtype)
     if "sample" in args.what:

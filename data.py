@@ -5,12 +5,22 @@ The paper trains on AudioSet (stage 1, no captions), CLAP-filtered synthetic cap
 (stage 3) (arXiv 2409.10819, Sec. III). This file turns such collections into batches for train.py.
 """
 
+import argparse
+import csv
+import hashlib
+import json
 import math
 import os
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
+import ezaudio as E
 
 COMMANDS = []  # the command line's subcommands: functions(subparsers) that add one each, with set_defaults(run=...)
 
@@ -48,7 +58,6 @@ def resample(audio, sr_in, sr_out, zero_crossings=16, rolloff=0.99):
 
 def read_audio(path, sample_rate):
     """A file as mono float32 (T,) at `sample_rate`: channels averaged, resampled when its rate differs."""
-    import soundfile as sf
     if not os.path.isfile(path):  # libsndfile would call it a "System error"
         raise AudioError(f"{path}: no such file")
     try:
@@ -256,21 +265,18 @@ def toy_text_encoder(seed=0):
     """The toy's text encoder: a small random T5 over ByT5's bytes, frozen like FLAN-T5 in the paper, so that it
     needs no download; train.py stores it inside the checkpoint."""
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
-    from ezaudio import TextEncoder
     cfg = T5Config(vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                    feed_forward_proj="gated-gelu", is_encoder_decoder=False)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = T5EncoderModel(cfg)
-    return TextEncoder(ByT5Tokenizer(), model, max_length=40)
+    return E.TextEncoder(ByT5Tokenizer(), model, max_length=40)
 
 
 def write_toy(out, n_train, n_test, seed=0, paraphrase_prob=0.3):
     """Render the toy world into `out`: audio/{split}_{i}.wav (16-bit, 16 kHz), manifest.csv (audio_path, caption,
     split; classes in turn, captions canonical or paraphrased) and stage2.csv (the train clips again, with
     degraded captions and a clap_score column). Every clip depends only on (seed, split, index)."""
-    import soundfile as sf
-    from tqdm import tqdm
     os.makedirs(os.path.join(out, "audio"), exist_ok=True)
     rows, stage2 = [], []
     for split, n in (("train", n_train), ("test", n_test)):
@@ -292,7 +298,6 @@ def toy_score_folder(folder, split=None):
     """Score the WAVs of `folder`: captions from its manifest.csv (rows of `split` only, when given), or, without
     one, from the file names ("two_high_beeps_s0.wav", as sample.py names them). Returns score_toy's
     {property: (correct, total)}."""
-    from pathlib import Path
     folder = Path(folder)
     if (folder / "manifest.csv").is_file():
         items = [(r["path"], r["caption"]) for r in read_manifest(folder / "manifest.csv", split=split, captions=True)]
@@ -308,7 +313,6 @@ def pack_checkpoint(path, out):
     """One file that samples with no other: a DiT-stage checkpoint's DiT (its EMA when it kept one), the VAE that
     its config names and its embedded text encoder, in half precision, without the training state. This is how
     assets/toy.pt was made; loading casts the weights back to float32."""
-    import ezaudio as E
     try:
         ckpt = E.load_file(path)
         if not E.is_project_checkpoint(ckpt) or ckpt["config"].get("dit") is None:
@@ -364,21 +368,18 @@ def read_manifest(path, data_root=None, split=None, min_clap=0.0, captions=False
     """The manifest's rows as dicts, each with its own columns plus `path` (the audio file, resolved) and `row`
     (1-based). Keeps the rows of `split` when the manifest has a split column, and, when min_clap > 0, those whose
     clap_score reaches it. `captions`: every row must have a caption column (stages 2 and 3)."""
-    import csv
-    import json
-    from pathlib import Path
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such manifest")
     if path.suffix in (".jsonl", ".json"):
         rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             try:
                 rows += [json.loads(line)] if line.strip() else []
             except json.JSONDecodeError:
                 raise ValueError(f"{path}:{n}: not JSON; a JSON Lines manifest holds one object a line") from None
     else:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets start with a byte-order mark
             rows = list(csv.DictReader(f))
     if not rows:
         raise ValueError(f"{path}: the manifest has no rows")
@@ -400,11 +401,9 @@ def read_manifest(path, data_root=None, split=None, min_clap=0.0, captions=False
 
 def write_manifest(rows, path):
     """Rows (dicts) to a CSV, or JSON Lines when `path` ends in .jsonl, atomically; `path` and `row` are left out."""
-    import csv
-    import json
     rows = [{k: v for k, v in r.items() if k not in ("path", "row")} for r in rows]
     tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         if str(path).endswith(".jsonl"):
             f.writelines(json.dumps(r) + "\n" for r in rows)
         else:
@@ -415,9 +414,7 @@ def write_manifest(rows, path):
 
 
 def load_clip(path, sample_rate):
-    """read_audio, refusing missing and silent files as well. (T,)"""
-    if not os.path.isfile(path):
-        raise AudioError(f"{path}: no such file")
+    """read_audio, refusing silent files as well. (T,)"""
     audio = read_audio(path, sample_rate)
     if audio.abs().max() < SILENT_PEAK:
         raise AudioError(f"{path}: silent (every sample below -80 dBFS)")
@@ -426,7 +423,6 @@ def load_clip(path, sample_rate):
 
 def check_manifest(rows, sample_rate):
     """(row, message) for every row whose audio is missing, unreadable, empty or silent."""
-    from tqdm import tqdm
     bad = []
     for r in tqdm(rows, desc="checking", unit="clip", leave=False):
         try:
@@ -436,11 +432,16 @@ def check_manifest(rows, sample_rate):
     return bad
 
 
+def add_manifest_flags(parser, what="CSV (audio_path,caption,split[,clap_score]) or .jsonl"):
+    """--manifest and --data-root, for each subcommand that reads a manifest."""
+    parser.add_argument("--manifest", required=True, help=what)
+    parser.add_argument("--data-root", default=None, help="folder that relative audio paths start from "
+                                                          "(default: the manifest's folder)")
+
+
 def _check_command(sub):
     p = sub.add_parser("check", help="list the manifest rows whose audio is missing, unreadable, empty or silent")
-    p.add_argument("--manifest", required=True, help="CSV (audio_path,caption,split[,clap_score]) or .jsonl")
-    p.add_argument("--data-root", default=None, help="folder that relative audio paths start from "
-                                                     "(default: the manifest's folder)")
+    add_manifest_flags(p)
     p.add_argument("--sample-rate", type=int, default=24000, help="rate the audio is read at, as training does")
 
     def run(a):
@@ -565,7 +566,6 @@ def load_vae(path=None, cfg=None):
     """A frozen VAE: a released-format file, built with the VAEConfig `cfg` (default: the released one), or one
     of this project's checkpoints holding a VAE (which carries its config); None fetches the released VAE.
     Returns (vae, path)."""
-    import ezaudio as E
     path = os.path.abspath(path) if path else E.hub_file(E.RELEASED_VAE, "--vae")
     vae = E.vae_from_checkpoint(E.load_file(path), cfg, path)
     return vae.eval().requires_grad_(False).fold_weight_norm(), path
@@ -579,7 +579,6 @@ def embedded_text_encoder(text_encoder):
 
 
 def cache_key(row):
-    import hashlib
     return hashlib.sha1(f"{row['audio_path']}\0{row.get('caption') or ''}".encode()).hexdigest()[:20]
 
 
@@ -633,8 +632,6 @@ def build_cache(rows, folder, vae, vae_path, text_encoder=None, text_encoder_nam
                 batch_size=8, workers=4, dtype=torch.float16):
     """Encode every row not yet in `folder` (an interrupted run resumes); returns the rows that failed, as
     (row, message). A progress bar shows clips/s."""
-    from dataclasses import asdict
-    from tqdm import tqdm
     device = next(vae.parameters()).device
     sr, hop = vae.cfg.sample_rate, vae.cfg.hop
     frames = max(1, round(seconds * sr / hop))
@@ -697,9 +694,7 @@ class _StartOfClip(torch.utils.data.Dataset):
 
 def _cache_command(sub):
     p = sub.add_parser("cache", help="store each clip's VAE posterior and T5 output, so training skips both")
-    p.add_argument("--manifest", required=True, help="CSV (audio_path,caption,split[,clap_score]) or .jsonl")
-    p.add_argument("--data-root", default=None, help="folder that relative audio paths start from "
-                                                     "(default: the manifest's folder)")
+    add_manifest_flags(p)
     p.add_argument("--out", required=True, help="cache folder; an interrupted run resumes into it")
     p.add_argument("--vae", default=None, help="VAE file: released format or a VAE-stage checkpoint "
                                                "(default: the released VAE, downloaded)")
@@ -714,7 +709,6 @@ def _cache_command(sub):
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
 
     def run(a):
-        import ezaudio as E
         device = a.device or E.default_device()
         if a.vae_config not in E.VAE_PRESETS:
             raise ValueError(f"unknown --vae-config {a.vae_config!r}; choose one of {', '.join(E.VAE_PRESETS)}")
@@ -743,7 +737,6 @@ COMMANDS.append(_cache_command)
 def clap_scores(rows, model_name="laion/larger_clap_general", batch_size=16, device="cpu"):
     """Cosine similarity of CLAP's audio and text embeddings (Wu et al., 2023) for each row, None where the audio
     cannot be loaded."""
-    from tqdm import tqdm
     from transformers import AutoFeatureExtractor, AutoTokenizer, ClapModel
     try:
         model = ClapModel.from_pretrained(model_name).to(device).eval()
@@ -771,16 +764,13 @@ def clap_scores(rows, model_name="laion/larger_clap_general", batch_size=16, dev
 
 def _clap_command(sub):
     p = sub.add_parser("clap", help="add a clap_score column: how well each caption fits its audio")
-    p.add_argument("--manifest", required=True, help="CSV (audio_path,caption,split) or .jsonl with captions")
-    p.add_argument("--data-root", default=None, help="folder that relative audio paths start from "
-                                                     "(default: the manifest's folder)")
+    add_manifest_flags(p, "CSV (audio_path,caption,split) or .jsonl with captions")
     p.add_argument("--out", required=True, help="scored manifest to write (.csv, or .jsonl); unusable rows are left out")
     p.add_argument("--model", default="laion/larger_clap_general", help="CLAP model: hub name or local folder")
     p.add_argument("--batch-size", type=int, default=16, help="clips scored at once")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
 
     def run(a):
-        import ezaudio as E
         rows = read_manifest(a.manifest, a.data_root, captions=True)
         scores = clap_scores(rows, a.model, a.batch_size, a.device or E.default_device())
         kept = [{**r, "clap_score": round(s, 4)} for r, s in zip(rows, scores) if s is not None]
@@ -798,7 +788,6 @@ COMMANDS.append(_clap_command)
 
 
 def main(argv=None):
-    import argparse
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     # each subcommand registers its flags and its function in its own section above
@@ -809,6 +798,7 @@ def main(argv=None):
         args.run(args)
     except (AudioError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+
 
 if __name__ == "__main__":
     main()

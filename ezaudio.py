@@ -8,7 +8,8 @@ arXiv 2409.10819. Read top to bottom, this file builds every piece the paper des
   2. EzAudio-DiT              AdaLN-SOLA, long skips, RoPE, QK-norm, cross-attention, GEGLU (Sec. II-B)
   3. masked input assembly    generation, editing and span-masked training share one model input (Sec. II-C)
   4. waveform VAE             Snake-beta Oobleck encoder/decoder with a VAE bottleneck (Sec. II-A)
-  5. diffusion                zero-terminal-SNR v-prediction, DDIM, CFG with rescale (Sec. II-D)
+  5. diffusion                zero-terminal-SNR v-prediction, DDIM (Song et al. 2021, eqs. 12 and 16),
+                              CFG with rescale (Sec. II-D)
   6. training objective       span masking and the masked velocity loss (Sec. II-C, III)
   7. text encoder             frozen FLAN-T5 (Sec. II-B)
   8. checkpoints              the released state_dicts and this project's own files
@@ -18,14 +19,17 @@ The released weights load into these modules unchanged, and with them the number
 implementation (see tests/test_reference.py).
 """
 
+import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # 1. Configuration
@@ -228,7 +232,8 @@ class AdaLNSOLA(nn.Module):
         self.scaling = alpha / rank
 
     def forward(self, time_token, time_ada):
-        """(B, D) timestep token and (B, 6D) shared modulation -> (B, 6, D): shift, scale, gate for attention, then MLP."""
+        """(B, D) timestep token and (B, 6D) shared modulation -> (B, 6, D): shift, scale, gate for attention, then
+        for the MLP."""
         a = time_ada + self.lora_b(self.lora_a(time_token)) * self.scaling
         return a.view(a.shape[0], 6, -1) + self.scale_shift_table
 
@@ -645,7 +650,6 @@ class Diffusion(nn.Module):
         Random numbers come from `generator` in the order of the released pipeline: first the initial noise,
         then, when eta > 0, one tensor of the same shape at every step. A list of generators, one per sample, gives
         each sample the numbers it would draw alone (see `randn`)."""
-        from tqdm import tqdm
         device = self.alphas_cumprod.device
         B = len(context) if context is not None else len(gt) if gt is not None else batch
         shape = (B, dit.cfg.latent_dim, length if gt is None else gt.shape[-1])
@@ -873,8 +877,6 @@ def hub_file(filename, flag):
 def read_config(path, kind):
     """The config of a released-format file: kind "dit" reads the `model` block of an EzAudio YAML config
     (ezaudio-xl.yml), kind "vae" a VAE JSON config (ckpts/vae/config.json)."""
-    import json
-    import yaml
     try:
         with open(path) as f:
             return DiTConfig.from_official(yaml.safe_load(f)["model"]) if kind == "dit" else \
@@ -915,6 +917,14 @@ def usable_device(device, dtype):
     if dtype == torch.float16 and device.type == "cpu":
         raise ValueError("float16 runs on a GPU only; on the CPU use bfloat16 or float32 (--dtype bf16 or fp32)")
     return device
+
+
+def check_edit_mask(seconds, mask_start, mask_length, boundary):
+    """ValueError unless the mask starts within a clip of `seconds` (or at its end: outpainting) and is not empty.
+    It needs only the clip's length, so that sample.py can check it before minutes of model loading."""
+    if not (0 <= mask_start <= seconds and mask_length > 0 and boundary >= 0):
+        raise ValueError(f"the mask [{mask_start:g}, {mask_start + mask_length:g}) s must start within the "
+                         f"{seconds:.2f} s clip (or at its end) and have a positive length, with a boundary >= 0")
 
 
 class EzAudio:
@@ -1038,9 +1048,7 @@ class EzAudio:
         sr, frame_rate = self.sample_rate, self.sample_rate / self.hop
         audio = torch.as_tensor(audio, dtype=torch.float32).flatten()
         seconds, mask_end = audio.numel() / sr, mask_start + mask_length
-        if not (0 <= mask_start <= seconds and mask_length > 0 and boundary >= 0):
-            raise ValueError(f"the mask [{mask_start:g}, {mask_end:g}) s must start within the {seconds:.2f} s clip "
-                             "(or at its end) and have a positive length, with a boundary >= 0")
+        check_edit_mask(seconds, mask_start, mask_length, boundary)
         audio = audio / (audio.abs().max() + 1e-9)
         if mask_end > seconds:
             audio = F.pad(audio, (0, round((mask_end - seconds) * sr)))

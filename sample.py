@@ -62,10 +62,12 @@ def parse_args(argv=None):
     g.add_argument("--device", help="cuda, mps, cpu, ... (default: cuda, then mps, then cpu)")
     g.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="the DiT's precision: bf16 and fp16 run "
                    "it under autocast, fp16 on a GPU only; text encoder and VAE stay fp32 (default: fp32)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the DiT: the first steps wait for the "
+                   "compiler, the rest run faster; pays off for long or many samples")
     g = p.add_argument_group("editing: regenerate [start, start + length) of a clip; past its end extends it")
     g.add_argument("--edit", metavar="INPUT.wav", help="the clip (any rate: resampled to the model's)")
-    g.add_argument("--mask-start", type=float, metavar="S", help="seconds")
-    g.add_argument("--mask-length", type=float, metavar="S", help="seconds")
+    g.add_argument("--mask-start", type=float, metavar="S", help="where the span to regenerate starts, in seconds")
+    g.add_argument("--mask-length", type=float, metavar="S", help="how long the span is, in seconds")
     g.add_argument("--boundary", type=float, default=2.0, metavar="S", help="seconds of context each side, at "
                    "most half the mask length (default: 2)")
     g = p.add_argument_group("output")
@@ -88,6 +90,7 @@ def parse_args(argv=None):
          "--edit needs --mask-start and --mask-length"),
         (not editing and (args.mask_start, args.mask_length) != (None, None), "--mask-start and --mask-length "
                                                                               "need --edit INPUT.wav"),
+        (os.path.isfile(args.out), f"--out {args.out} is a file; name a folder (it is made if missing)"),
     ]
     names = [file_name(prompt, args.seed + k, args.edit) for prompt in args.prompts for k in range(args.num_samples)]
     twice = next((name for name in names if names.count(name) > 1), None)
@@ -117,6 +120,16 @@ def write_wav(path, audio, sample_rate, subtype):
     os.replace(path + ".tmp", path)
 
 
+def clip_seconds(path):
+    """Seconds of the --edit clip from its header alone, so that a bad file or a mask outside the clip fails before
+    minutes of model loading. Where soundfile cannot open it, read_audio says why in one line."""
+    try:
+        return sf.info(str(path)).duration
+    except sf.SoundFileError:
+        read_audio(path, 1)  # raises an AudioError
+        raise
+
+
 def samples(model, args, prompt):
     """(seed, waveform) for every sample of one prompt."""
     seeds = range(args.seed, args.seed + args.num_samples)
@@ -137,8 +150,12 @@ def main(argv=None):
     hub_logging.set_verbosity_error()  # no retry chatter offline: the error is one line
     start = time.time()
     try:
+        if args.edit:
+            E.check_edit_mask(clip_seconds(args.edit), args.mask_start, args.mask_length, args.boundary)
         model = E.EzAudio.from_pretrained(args.model, args.ckpt, args.dit_config, args.vae, args.vae_config,
                                           args.text_encoder, args.device, DTYPES[args.dtype])
+        if args.compile:
+            model.dit.compile()
         task = f"editing {args.edit}" if args.edit else f"{args.duration:g} s"
         print(f"{args.ckpt or args.model} on {model.device} ({args.dtype}): {task}, {args.steps} steps, "
               f"CFG {args.cfg:g}, rescale {args.rescale:g}, eta {args.eta:g}")

@@ -15,6 +15,7 @@ Read top to bottom: 1. settings  2. distributed set-up  3. the VAE stage's losse
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import math
 import os
@@ -26,12 +27,14 @@ import time
 from dataclasses import asdict, replace
 
 import numpy as np
+import soundfile as sf
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import data
 import ezaudio as E
@@ -40,7 +43,8 @@ import ezaudio as E
 # 1. Settings: each stage's defaults (paper Sec. III, SPEC §5; the released VAE config), every one a flag
 #
 # The global batch is batch-size x accum x GPUs: 16 x 1 x 8 = 128, the paper's, on 8 GPUs; on 4 GPUs pass
-# --accum 2. "More fully-masked samples" in stages 2 and 3 (paper Sec. II-C): mae_prob 0.1 instead of 0.25.
+# --accum 2. Stage 2 trains on "more fully-masked samples" (paper Sec. II-C), without a number: we take mae_prob
+# 0.1 there. Stages 1 and 3 keep 0.25, the value in the config released with the stage-3 models (SPEC §5).
 
 SAMPLE_PROMPTS = ["a dog barks twice", "rain falls on a tin roof", "a man speaks while birds chirp",
                   "a car engine revs up and drives away"]
@@ -48,15 +52,15 @@ COMMON = dict(
     config="XL", manifest=None, data_root=None, split="train", cache=None, init_from=None, vae=None,
     vae_config=None, text_encoder=None, segment=10.0, flip=0.5, min_clap=0.0, batch_size=16, accum=1,
     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, warmup=5000, clip=1.0, ema=0.0, mae_prob=0.25,
-    text_dropout=0.1, disc_lr=3e-4, disc_filters=64, dtype="auto", compile=False, grad_checkpointing=False,
-    workers=4, seed=0, log_every=50, save_every=5000, sample_every=5000, sample_steps=50,
-    sample_prompts=SAMPLE_PROMPTS, max_nonfinite=20)
+    text_dropout=0.1, disc_lr=3e-4, disc_filters=64, wave_weight=0.0, stft_floor=0.0, device=None, dtype="auto",
+    compile=False, grad_checkpointing=False, workers=4, seed=0, log_every=50, save_every=5000, sample_every=5000,
+    sample_steps=50, sample_prompts=SAMPLE_PROMPTS, max_nonfinite=20)
 STAGES = {
     "vae": dict(max_steps=1_000_000, lr=1.5e-4, betas=(0.8, 0.99), weight_decay=1e-3, warmup=1000, clip=0.0,
                 segment=0.5),
     "1": dict(max_steps=100_000, lr=1e-4),
     "2": dict(max_steps=50_000, lr=5e-5, mae_prob=0.1, min_clap=0.40),
-    "3": dict(max_steps=30_000, lr=1e-5, mae_prob=0.1),
+    "3": dict(max_steps=30_000, lr=1e-5),
 }
 # the T5 each preset was released with; a callable builds a small encoder that checkpoints carry inside
 DEFAULT_TEXT_ENCODERS = ({m["dit"]: m["text_encoder"] for m in E.MODELS.values() if "dit" in m}
@@ -76,8 +80,8 @@ def parser():
     a("--cache", help="folder made by `python data.py cache`: train on its latents and T5 outputs")
     a("--run-dir", help="where ckpt.pt, log.txt and samples/ go (default: runs/vae, runs/stage1, ...)")
     a("--resume", action="store_true", help="continue the run in --run-dir exactly where its checkpoint stopped")
-    a("--init-from", help="checkpoint to start from: stage 1's for stage 2, stage 2's for stage 3, or a released "
-                          "EzAudio file; for the VAE stage a VAE file")
+    a("--init-from", help="checkpoint to start from: stage 1's for stage 2, stage 2's for stage 3 (both required; "
+                          "`scratch` for random weights), or a released EzAudio file; for the VAE stage a VAE file")
     a("--vae", help="VAE that makes the latents: released-format file or VAE-stage checkpoint "
                     "(default: --init-from's, else the released VAE, downloaded)")
     a("--vae-config", help="VAE preset of a released-format --vae file (default: --config's if it is one, "
@@ -92,7 +96,13 @@ def parser():
     a("--max-steps", type=int, help="optimiser steps (default: 100K, 50K, 30K for stages 1-3; 1M for the VAE)")
     a("--lr", type=float, help="peak learning rate (default: 1e-4, 5e-5, 1e-5 for stages 1-3; VAE 1.5e-4)")
     a("--disc-lr", type=float, help="VAE stage: the discriminator's learning rate (default 3e-4)")
-    a("--disc-filters", type=int, help="VAE stage: channels of the discriminator's convolutions (default 64)")
+    a("--disc-filters", type=int, help="VAE stage: channels of the discriminator's convolutions, 0 = no "
+                                       "discriminator, hence no adversarial and feature-matching losses (default 64)")
+    a("--wave-weight", type=float, help="VAE stage: weight of an L1 loss on the samples beside the spectral one "
+                                        "(default 0, the released recipe)")
+    a("--stft-floor", type=float, help="VAE stage: added to the magnitudes before the spectral loss takes their log "
+                                       "(default 0, the released recipe; 1 for digitally silent audio such as the "
+                                       "toy world's, so that a faint hiss costs less than silence)")
     a("--betas", type=float, nargs=2, help="AdamW betas (default 0.9 0.999; VAE 0.8 0.99)")
     a("--eps", type=float, help="AdamW epsilon (default 1e-8)")
     a("--weight-decay", type=float, help="AdamW weight decay, on Linear and Conv weights only (default 0.01; "
@@ -102,9 +112,11 @@ def parser():
     a("--clip", type=float, help="gradient-norm clipping, 0 = off (default 1.0; VAE off)")
     a("--ema", type=float, help="decay of an EMA of the DiT's weights, 0 = none (default 0; e.g. 0.9999)")
     a("--mae-prob", type=float, help="probability that an example is span-masked rather than fully masked "
-                                     "(default 0.25 in stage 1, 0.1 in stages 2 and 3)")
+                                     "(default 0.25; 0.1 in stage 2)")
     a("--text-dropout", type=float, help="fraction of captions replaced by \"\" for classifier-free guidance "
                                          "(default 0.1)")
+    a("--device", choices=["cuda", "cpu"], help="where to train (default: cuda when torch sees a GPU); under "
+                                                "torchrun each process takes the GPU numbered by its LOCAL_RANK")
     a("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="autocast precision: auto = bf16 on GPUs that "
                                                                 "have it, else fp16 with loss scaling; fp32 on CPUs")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default off)")
@@ -148,7 +160,10 @@ def settings(argv=None):
             fail(f"{path} exists; pass --resume to continue that run, or another --run-dir")
         resumed = {k: v for k, v in (saved["config"]["train"] if saved else {}).items() if v is not None}
         init_from = given.get("init_from", resumed.get("init_from"))
-        if init_from and not saved:
+        if stage in ("2", "3") and not init_from and not saved:  # a forgotten flag would cost a whole run, silently
+            fail(f"stage {stage} continues stage {int(stage) - 1}: pass its checkpoint with --init-from "
+                 f"(e.g. runs/stage{int(stage) - 1}/ckpt.pt), or --init-from scratch to start from random weights")
+        if init_from not in (None, "scratch") and not saved:
             init = E.load_file(init_from)
     except E.CheckpointError as e:
         fail(e)
@@ -165,6 +180,9 @@ def settings(argv=None):
     args = argparse.Namespace(**{**COMMON, **STAGES[stage], **inherited, **resumed, **given, "stage": stage,
                                  "run_dir": run_dir})
     args.betas = tuple(args.betas)
+    for name in ("batch_size", "accum", "log_every", "save_every", "max_nonfinite"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be 1 or more")
     if args.vae_config and args.vae_config not in E.VAE_PRESETS:
         fail(f"unknown --vae-config {args.vae_config!r}; choose one of {', '.join(E.VAE_PRESETS)}")
     if stage != "vae" and args.config not in E.DIT_PRESETS and not init:
@@ -178,17 +196,23 @@ def settings(argv=None):
 # 2. Distributed set-up: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain python is rank 0 of 1
 
 
-def setup_distributed():
-    """(rank, world size, device). Joins the process group under torchrun: NCCL on GPUs, gloo on CPUs."""
+def setup_distributed(kind=None):
+    """(rank, world size, device) on `kind` (cuda or cpu; default cuda when there is a GPU). Joins the process
+    group under torchrun: NCCL on GPUs, one GPU per process on each node, gloo on CPUs."""
+    kind = kind or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda, but torch sees no GPU; leave out --device to train on the CPU")
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, torch.device(kind)
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
+    device = torch.device("cpu")
+    if kind == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            fail(f"process {local_rank} of this node has no GPU of its own ({torch.cuda.device_count()} here); "
+                 "lower torchrun's --nproc_per_node")
         device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch.cuda.set_device(device)  # before NCCL starts, so that each process talks from its own GPU
+    dist.init_process_group("nccl" if kind == "cuda" else "gloo")
     return rank, world, device
 
 
@@ -242,11 +266,13 @@ def stft_magnitude(x, n_fft, hop):
 
 class MultiResolutionSTFTLoss(nn.Module):
     """Spectral convergence plus log-magnitude L1, averaged over FFT sizes (Yamamoto et al., "Parallel WaveGAN",
-    2020), on A-weighted waveforms, in float32."""
+    2020), on A-weighted waveforms, in float32. The log term compares log(magnitude + floor): the released recipe's
+    floor 0 suits recordings, which are never silent, but on digitally silent audio (the toy world's) it charges a
+    hiss at -60 dB more than no sound at all, and a VAE learns to go quiet before it learns to reproduce anything."""
 
-    def __init__(self, sample_rate, resolutions=STFT_RESOLUTIONS):
+    def __init__(self, sample_rate, resolutions=STFT_RESOLUTIONS, floor=0.0):
         super().__init__()
-        self.resolutions = resolutions
+        self.resolutions, self.floor = resolutions, floor
         self.register_buffer("weighting", a_weighting_filter(sample_rate)[None, None], persistent=False)
 
     def forward(self, fake, real):  # (B, 1, T) each
@@ -256,7 +282,8 @@ class MultiResolutionSTFTLoss(nn.Module):
             total = 0.0
             for n_fft, hop in self.resolutions:
                 f, r = stft_magnitude(fake, n_fft, hop), stft_magnitude(real, n_fft, hop)
-                total = total + (r - f).norm() / r.norm() + (f.log() - r.log()).abs().mean()
+                log_f, log_r = (f + self.floor).log(), (r + self.floor).log()
+                total = total + (r - f).norm() / r.norm() + (log_f - log_r).abs().mean()
         return total / len(self.resolutions)
 
 
@@ -298,18 +325,30 @@ class MultiScaleSTFTDiscriminator(nn.Module):
 class VAEObjective(nn.Module):
     """Both players' losses in one forward, so that one backward serves both: the VAE's terms see the critic
     through detached weights (they train only the VAE), the critic's hinge loss sees a detached reconstruction
-    (it trains only the critic)."""
+    (it trains only the critic). Without a critic, only the spectral loss and the KL; `wave_weight` adds an L1
+    loss on the samples (not in the released recipe; it ties the phase, which the spectra leave free)."""
 
-    def __init__(self, vae, discriminator):
+    def __init__(self, vae, discriminator=None, wave_weight=0.0, stft_floor=0.0):
         super().__init__()
-        self.vae, self.discriminator = vae, discriminator
-        self.stft = MultiResolutionSTFTLoss(vae.cfg.sample_rate)
+        self.vae, self.discriminator, self.wave_weight = vae, discriminator, wave_weight
+        self.stft = MultiResolutionSTFTLoss(vae.cfg.sample_rate, floor=stft_floor)
 
     def forward(self, audio, generator):
         real = audio[:, None]  # (B, 1, T)
         mean, std = self.vae.posterior(real)
         z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         fake = self.vae.decode(z)[..., : real.shape[-1]]
+        parts = {"stft": self.stft(fake, real), "kl": E.kl_divergence(mean.float(), std.float())}
+        if self.wave_weight:
+            parts["wave"] = (fake.float() - real.float()).abs().mean()
+        if self.discriminator is not None:
+            parts.update(self.adversarial(real, fake))
+        weights = {**VAE_LOSS_WEIGHTS, "wave": self.wave_weight, "disc": 1.0}
+        loss = sum(weights[k] * v for k, v in parts.items())
+        return loss, {k: v.detach() for k, v in parts.items()}
+
+    def adversarial(self, real, fake):
+        """The VAE's hinge and feature-matching losses against the critic, and the critic's own hinge loss."""
         frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
         seen_by_vae = functional_call(self.discriminator, frozen, (fake,))
         seen_by_critic = self.discriminator(torch.cat([real, fake.detach()]))
@@ -322,10 +361,7 @@ class VAEObjective(nn.Module):
                 r = both.chunk(2)[0].detach()
                 fm = fm + (f - r).abs().mean() / r.abs().mean().clamp(min=1e-8)  # relative, as EnCodec's
         scales = len(seen_by_critic)
-        parts = {"stft": self.stft(fake, real), "kl": E.kl_divergence(mean.float(), std.float()),
-                 "adv": adv / scales, "fm": fm / (scales * len(features)), "disc": critic / scales}
-        loss = sum(w * parts[k] for k, w in VAE_LOSS_WEIGHTS.items()) + parts["disc"]
-        return loss, {k: v.detach() for k, v in parts.items()}
+        return {"adv": adv / scales, "fm": fm / (scales * len(features)), "disc": critic / scales}
 
 
 # -----------------------------------------------------------------------------
@@ -432,7 +468,6 @@ def slug(text):
 @torch.no_grad()
 def write_samples(folder, dit, vae, text_encoder, prompts, frames, steps, amp):
     """Preview clips for fixed prompts (unconditional in stage 1) with the paper's sampler settings."""
-    import soundfile as sf
     device = next(dit.parameters()).device
     dit.eval()
     diffusion = E.Diffusion().to(device)
@@ -456,7 +491,6 @@ def write_samples(folder, dit, vae, text_encoder, prompts, frames, steps, amp):
 @torch.no_grad()
 def write_reconstructions(folder, vae, audio):
     """The VAE stage's previews: fixed clips and their reconstructions through the posterior mean."""
-    import soundfile as sf
     vae.eval()
     recon = vae.decode(vae.encode(audio[:, None], sample=False)).float().cpu()[:, 0]
     os.makedirs(folder, exist_ok=True)
@@ -495,7 +529,6 @@ class EMA:
     """An exponential moving average of the weights, the model that previews and sampling prefer."""
 
     def __init__(self, model, decay):
-        import copy
         self.model, self.decay = copy.deepcopy(model).eval().requires_grad_(False), decay
 
     @torch.no_grad()
@@ -562,7 +595,7 @@ def micro_batches(dataset, position, args, rank, world, pin):
 
 def main(argv=None):
     args, saved, init = settings(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.device)
     try:
         train(args, saved, init, rank, world, device)
     finally:
@@ -571,7 +604,6 @@ def main(argv=None):
 
 
 def train(args, saved, init, rank, world, device):
-    from tqdm import tqdm
     master, vae_stage, cuda = rank == 0, args.stage == "vae", device.type == "cuda"
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
@@ -591,36 +623,34 @@ def train(args, saved, init, rank, world, device):
             tqdm.write(line)
             with open(os.path.join(args.run_dir, "log.txt"), "a") as f:
                 f.write(line + "\n")
-    os.makedirs(args.run_dir, exist_ok=True)
 
     # the data: captions for stages 2 and 3; the cache when given
-    meta = data.read_cache_meta(args.cache) if args.cache else None
-    if vae_stage and meta:
-        fail("the VAE stage trains on audio; leave out --cache")
-    if args.stage in ("2", "3") and meta and meta["empty"] is None:
-        fail(f"{args.cache} holds no T5 outputs; make it with `python data.py cache --text-encoder ...`")
     try:
+        meta = data.read_cache_meta(args.cache) if args.cache else None
         rows = data.read_manifest(args.manifest, args.data_root, args.split, args.min_clap,
                                   captions=args.stage in ("2", "3"))
     except ValueError as e:
         fail(e)
+    if vae_stage and meta:
+        fail("the VAE stage trains on audio; leave out --cache")
+    if args.stage in ("2", "3") and meta and meta["empty"] is None:
+        fail(f"{args.cache} holds no T5 outputs; make it with `python data.py cache --text-encoder ...`")
 
     # the models: a VAE and its critic, or a DiT with its frozen VAE and text encoder
     source = saved or (init if E.is_project_checkpoint(init) else None)
     vae_preset = args.vae_config or (args.config if args.config in E.VAE_PRESETS else "released")
     preview = master and args.sample_every > 0
-    text_encoder = text_name = text_state = vae = None
+    text_encoder = text_name = text_state = vae = discriminator = None
     if vae_stage:
         try:
             vae = (E.vae_from_checkpoint(init, E.VAE_PRESETS[vae_preset], args.init_from) if init is not None
                    else E.WaveformVAE(E.VAE_PRESETS[vae_preset]))
         except (E.CheckpointError, KeyError) as e:
             fail(e)
-        discriminator = MultiScaleSTFTDiscriminator(args.disc_filters)
-        objective = VAEObjective(vae, discriminator).to(device)
+        discriminator = MultiScaleSTFTDiscriminator(args.disc_filters) if args.disc_filters > 0 else None
+        objective = VAEObjective(vae, discriminator, args.wave_weight, args.stft_floor).to(device)
         vae_cfg, vae_path, dit, ema = vae.cfg, None, None, None
-        models = [vae, discriminator]
-        base_lrs = [args.lr, args.disc_lr]
+        models, base_lrs = ([vae, discriminator], [args.lr, args.disc_lr]) if discriminator else ([vae], [args.lr])
     else:
         vae_path = meta["vae_path"] if meta else args.vae
         if meta is None or preview:  # with a cache, the VAE only decodes previews
@@ -648,8 +678,11 @@ def train(args, saved, init, rank, world, device):
         models, base_lrs = [dit], [args.lr]
         empty = meta["empty"].float() if meta and meta["empty"] is not None else None
     frames = max(1, round(args.segment * vae_cfg.sample_rate / vae_cfg.hop))  # latent frames per example
-    dataset = (data.CachedClips(rows, args.cache, frames, args.seed) if meta else
-               data.AudioClips(rows, vae_cfg.sample_rate, frames * vae_cfg.hop, args.seed, args.flip))
+    try:
+        dataset = (data.CachedClips(rows, args.cache, frames, args.seed) if meta else
+                   data.AudioClips(rows, vae_cfg.sample_rate, frames * vae_cfg.hop, args.seed, args.flip))
+    except ValueError as e:
+        fail(e)
     if math.ceil(len(dataset) / world) < args.batch_size:
         fail(f"{len(dataset)} clips are fewer than --batch-size {args.batch_size} per process x {world} processes")
     optimizers = [adamw(m, lr, args, fused=cuda) for m, lr in zip(models, base_lrs)]
@@ -657,10 +690,13 @@ def train(args, saved, init, rank, world, device):
     # resume: weights, optimiser, loss scale, random states and data position exactly as they were saved
     step, position = 0, {"epoch": 0, "batch": 0}
     if saved:
-        for key, m in (("vae", vae), ("discriminator", discriminator)) if vae_stage else (("model", dit),):
-            E.load_weights(m, saved[key], f"{args.run_dir}/ckpt.pt")
-        if ema:
-            E.load_weights(ema.model, saved["ema"] or saved["model"], f"{args.run_dir}/ckpt.pt")
+        try:
+            for key, m in zip(("vae", "discriminator") if vae_stage else ("model",), models):
+                E.load_weights(m, saved[key], f"{args.run_dir}/ckpt.pt")
+            if ema:
+                E.load_weights(ema.model, saved["ema"] or saved["model"], f"{args.run_dir}/ckpt.pt")
+        except E.CheckpointError as e:
+            fail(f"{e}; resume with the run's own model flags")
         for opt, state in zip(optimizers, saved["optimizer"]):
             opt.load_state_dict(state)
         scaler.load_state_dict(saved["scaler"])
@@ -675,6 +711,7 @@ def train(args, saved, init, rank, world, device):
     if world > 1:
         model = DDP(model, device_ids=[device.index] if cuda else None)
     if master:
+        os.makedirs(args.run_dir, exist_ok=True)  # only now: a start that fails leaves no empty run folder behind
         n = sum(p.numel() for m in models for p in m.parameters())
         log(f"stage {args.stage}: {n:,} parameters, {len(dataset)} clips, {frames} latent frames per example, "
             f"{args.batch_size} x {args.accum} x {world} examples per step, {device.type}"
@@ -694,7 +731,7 @@ def train(args, saved, init, rank, world, device):
                            "vae_path": vae_path, "text_encoder": text_name, "train": vars(args)},
                 "model": None if vae_stage else dit.state_dict(), "ema": ema.model.state_dict() if ema else None,
                 "vae": vae.state_dict() if vae_stage else None,
-                "discriminator": discriminator.state_dict() if vae_stage else None, "text_encoder": text_state,
+                "discriminator": discriminator.state_dict() if discriminator else None, "text_encoder": text_state,
                 "optimizer": [o.state_dict() for o in optimizers], "scaler": scaler.state_dict(), "rng": rngs,
                 "data": {**position, "world_size": world, "batch_size": args.batch_size}}
         data.save_atomic(ckpt, os.path.join(args.run_dir, "ckpt.pt"))
@@ -703,8 +740,9 @@ def train(args, saved, init, rank, world, device):
 
     batches = micro_batches(dataset, position, args, rank, world, pin=cuda)
     params = [[p for p in m.parameters() if p.requires_grad] for m in models]
-    window = {"start": time.time(), "steps": 0, "sums": {}, "grad": 0.0}
-    skipped_rows, nonfinite, in_a_row = set(), 0, 0
+    window = {"start": time.time(), "steps": 0, "losses": [], "grads": []}
+    average = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+    skipped, warned, nonfinite, in_a_row = {}, set(), 0, 0  # skipped: {manifest row: why}, this process's
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, unit="step", dynamic_ncols=True)
     with StopSignal() as stop:
         while step < args.max_steps:
@@ -718,10 +756,7 @@ def train(args, saved, init, rank, world, device):
                 except data.AudioError:
                     fail(f"no row of {args.manifest} can be loaded; see `python data.py check --manifest "
                          f"{args.manifest}`")
-                for row, message in batch["skipped"]:
-                    if row not in skipped_rows:
-                        skipped_rows.add(row)
-                        tqdm.write(f"warning: skipping manifest row {row}: {message}")
+                skipped.update(batch["skipped"])
                 if vae_stage:
                     inputs = (batch["audio"].to(device, non_blocking=True), generator)
                 else:
@@ -773,23 +808,27 @@ def train(args, saved, init, rank, world, device):
             bar.update(1)
 
             # logging, checkpoints, previews
+            # the means leave out skipped steps (counted at the end of the line), so that one does not hide the rest
             window["steps"] += 1
-            window["grad"] += grad
-            for k, v in values.items():
-                window["sums"][k] = window["sums"].get(k, 0.0) + v
+            window["losses"] += [values] if finite else []
+            window["grads"] += [grad] if math.isfinite(grad) else []  # fp16: inf while the loss scale settles
             if step % args.log_every == 0 or step == args.max_steps:
-                rows_skipped = len(set().union(*gather(skipped_rows, world)))
+                # rank 0 warns once about each bad row, whichever processes met it
+                every = {row: why for part in gather(skipped, world) for row, why in part.items()}
+                for row in sorted(every.keys() - warned):
+                    log(f"warning: skipping manifest row {row}: {every[row]}")
+                warned |= every.keys()
                 elapsed, n = time.time() - window["start"], window["steps"]
                 examples = n * args.batch_size * args.accum * world / elapsed
                 line = (f"step {step}/{args.max_steps} | "
-                        + " | ".join(f"{k} {v / n:.5g}" for k, v in window["sums"].items())
-                        + f" | lr {optimizers[0].param_groups[0]['lr']:.3g} | grad {window['grad'] / n:.4g}"
+                        + " | ".join(f"{k} {average([v[k] for v in window['losses']]):.5g}" for k in values)
+                        + f" | lr {optimizers[0].param_groups[0]['lr']:.3g} | grad {average(window['grads']):.4g}"
                         + f" | {examples:.1f} samples/s | {examples * frames:.0f} frames/s"
                         + (f" | mem {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB" if cuda else "")
-                        + f" | skipped {rows_skipped} rows, {nonfinite} steps")
+                        + f" | skipped {len(warned)} rows, {nonfinite} steps")
                 bar.set_postfix_str(line.split(" | ", 1)[1][:60])
                 log(line)
-                window.update(start=time.time(), steps=0, sums={}, grad=0.0)
+                window.update(start=time.time(), steps=0, losses=[], grads=[])
             stopping = shared[-1] > 0
             if step % args.save_every == 0 or stopping:
                 save()

@@ -77,6 +77,12 @@ def test_manifest_split_and_clap_filters(tmp_path):
     assert [r["audio_path"] for r in data.read_manifest(path)] == ["a.wav", "b.wav", "c.wav", "d.wav"]
 
 
+def test_a_spreadsheet_csv_with_a_byte_order_mark_reads(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("audio_path,caption\na.wav,un chien aboie\n", encoding="utf-8-sig")
+    assert [(r["audio_path"], r["caption"]) for r in data.read_manifest(path)] == [("a.wav", "un chien aboie")]
+
+
 def test_manifest_errors_are_one_line(tmp_path):
     path = tmp_path / "m.csv"
     path.write_text("audio_path,split\na.wav,train\n")
@@ -133,7 +139,8 @@ def test_polarity_flip(clips):
     plain, flipped = data.AudioClips(rows, SR, 600, flip=0.0), data.AudioClips(rows, SR, 600, flip=1.0)
     assert torch.equal(flipped[2]["audio"], -plain[2]["audio"])
     length = round(SEGMENT * SR)  # clip0 exactly: only the polarity is random
-    half, clip0 = data.AudioClips(rows[:1] * 200, SR, length, flip=0.5), data.AudioClips(rows, SR, length, flip=0.0)[0]["audio"]
+    half = data.AudioClips(rows[:1] * 200, SR, length, flip=0.5)
+    clip0 = data.AudioClips(rows, SR, length, flip=0.0)[0]["audio"]
     flips = [torch.equal(half[i]["audio"], -clip0) for i in range(200)]
     assert all(f or torch.equal(half[i]["audio"], clip0) for i, f in enumerate(flips))
     assert 70 < sum(flips) < 130

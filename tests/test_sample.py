@@ -1,9 +1,11 @@
 """sample.py and the pipeline behind it (ezaudio.EzAudio), end to end on tiny random models saved as users' files
 are: a released-format DiT with its YAML config, a released-format VAE with config.json beside it, a T5 folder."""
 
+import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +147,22 @@ def test_bf16_autocast_on_cpu_changes_the_numbers_only_a_little(model):
     assert (low - fp32).abs().max() < 0.1 * fp32.abs().max()
 
 
+def test_dtype_flag_reaches_the_dit(run, capsys):
+    fp32 = read(run("a dog barks", out="fp32") / "a_dog_barks_s0.wav")[0]
+    bf16 = read(run("a dog barks", "--dtype", "bf16", out="bf16") / "a_dog_barks_s0.wav")[0]
+    assert "on cpu (bf16)" in capsys.readouterr().out
+    assert not np.array_equal(bf16, fp32)
+    assert np.abs(bf16 - fp32).max() < 0.1 * np.abs(fp32).max()
+
+
+def test_compile_flag_compiles_the_dit(run, monkeypatch):
+    """Only that the flag is honoured; test_fastpaths.py shows that compiled sampling computes what eager does."""
+    compiled = []
+    monkeypatch.setattr(E.EzAudioDiT, "compile", lambda self, *args, **kwargs: compiled.append(self))
+    run("a dog barks", "--compile")
+    assert len(compiled) == 1 and isinstance(compiled[0], E.EzAudioDiT)
+
+
 def test_pcm16_says_when_samples_clip(tmp_path, capsys):
     audio = torch.tensor([0.5, 1.5, -2.0])
     sample.write_wav(str(tmp_path / "loud.wav"), audio, SR, "PCM_16")
@@ -159,7 +177,6 @@ def test_pcm16_says_when_samples_clip(tmp_path, capsys):
 def test_a_project_checkpoint_registered_in_models_is_a_model_name(tmp_path, monkeypatch, capsys,
                                                                     text_encoder_dir):
     """How `--model toy` comes in: one MODELS line naming a checkpoint that carries its configs, VAE and T5."""
-    from dataclasses import asdict
     dit_cfg, vae_cfg = E.DIT_PRESETS["tiny"], E.VAE_PRESETS["tiny"]
     torch.save({"format": "ezaudio", "stage": 3, "step": 1,
                 "config": {"dit": asdict(dit_cfg), "vae": asdict(vae_cfg), "vae_path": None,
@@ -262,13 +279,14 @@ BAD = [  # (flags replacing or adding to the tiny models' flags, what the messag
     (["--edit", "{tmp}/clip.wav", "--mask-start", "0.01", "--mask-length", "0.0001"], "at least one latent frame"),
     (["--edit", "{tmp}/clip.wav"], "--edit needs --mask-start and --mask-length"),
     (["--mask-start", "1"], "need --edit"),
+    (["--out", "{tmp}/clip.wav"], "is a file; name a folder"),
     (["--edit", "{tmp}/clip.wav", "--mask-start", "0", "--mask-length", "0.01", "--duration", "1"],
      "--duration does not apply to --edit"),
 ]
 
 
-@pytest.mark.parametrize("flags, message", BAD, ids=[m for _, m in BAD])
-def test_bad_input_gets_one_line(model_flags, bad_files, flags, message):
+def error_of(model_flags, bad_files, flags):
+    """The message sample.py exits with, given flags that replace or add to the tiny models' flags."""
     argv = ["a dog barks", *model_flags, "--out", str(bad_files / "out")]  # each fails before sampling
     for flag, value in zip(flags[::2], flags[1::2]):
         if flag in argv:
@@ -278,12 +296,29 @@ def test_bad_input_gets_one_line(model_flags, bad_files, flags, message):
             argv += [flag, value.format(tmp=bad_files)]
     with pytest.raises(SystemExit) as e:
         sample.main(argv)
-    assert str(e.value.code).startswith("error: ") and "\n" not in str(e.value.code)
-    assert message in str(e.value.code)
+    return str(e.value.code)
+
+
+@pytest.mark.parametrize("flags, message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_gets_one_line(model_flags, bad_files, flags, message):
+    error = error_of(model_flags, bad_files, flags)
+    assert error.startswith("error: ") and "\n" not in error
+    assert message in error
+
+
+EARLY = [(flags, message) for flags, message in BAD  # but a mask under one latent frame: that needs the model
+         if "--edit" in flags and "at least one latent frame" not in message]
+
+
+@pytest.mark.parametrize("flags, message", EARLY, ids=[m for _, m in EARLY])
+def test_bad_edit_clip_or_mask_fails_before_the_model_loads(model_flags, bad_files, monkeypatch, flags, message):
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(E.EzAudio, "from_pretrained", load)
+    assert message in error_of(model_flags, bad_files, flags)
 
 
 def test_vae_config_that_does_not_fit_the_vae(model_flags, bad_files):
-    import json
     official = json.loads((ROOT / "tests" / "fixtures" / "reference" / "official_keys.json").read_text())
     (bad_files / "released.json").write_text(json.dumps(official["vae"]["config"]))
     with pytest.raises(SystemExit, match="does not match the model config"):

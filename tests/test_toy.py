@@ -1,6 +1,7 @@
 """The toy world (data.py): its captions, its clips, the scorer that reads the facts back, and its data set."""
 
 import csv
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -135,13 +136,13 @@ def test_toy_pack_makes_one_half_precision_file_that_samples(tmp_path):
     import ezaudio as E
     torch.manual_seed(0)
     vae = E.WaveformVAE(E.VAE_PRESETS["tiny"])
-    torch.save({"format": "ezaudio", "stage": "vae", "step": 1, "config": {"dit": None, "vae": E.asdict(vae.cfg)},
+    torch.save({"format": "ezaudio", "stage": "vae", "step": 1, "config": {"dit": None, "vae": asdict(vae.cfg)},
                 "vae": vae.state_dict()}, tmp_path / "vae.pt")
-    cfg = E.DiTConfig(**{**E.asdict(E.DIT_PRESETS["tiny"]), "context_dim": D.toy_text_encoder().dim})
+    cfg = E.DiTConfig(**{**asdict(E.DIT_PRESETS["tiny"]), "context_dim": D.toy_text_encoder().dim})
     dit = E.EzAudioDiT(cfg).init_weights()
     ema = {k: v + 0.01 for k, v in dit.state_dict().items()}  # told apart from the raw weights
     ckpt = {"format": "ezaudio", "stage": 3, "step": 7,
-            "config": {"dit": E.asdict(cfg), "vae": E.asdict(vae.cfg), "vae_path": str(tmp_path / "vae.pt"),
+            "config": {"dit": asdict(cfg), "vae": asdict(vae.cfg), "vae_path": str(tmp_path / "vae.pt"),
                        "text_encoder": None, "train": {}},
             "model": dit.state_dict(), "ema": ema, "vae": None, "text_encoder": D.toy_text_encoder().state(),
             "optimizer": [{"state": {}}], "rng": [], "data": {}}

@@ -20,7 +20,7 @@ from test_data import SR, write_clips
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--segment", "0.05", "--batch-size", "2", "--workers", "0", "--log-every", "1", "--sample-every", "0",
-        "--warmup", "0"]
+        "--warmup", "0", "--device", "cpu"]  # the CPU even where there is a GPU: exact resume is a CPU promise
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +57,14 @@ def load(path):
 
 
 def test_stage_defaults_and_flags():
-    args, _, _ = train.settings(["--stage", "3", "--manifest", "m.csv", "--run-dir", "/nonexistent/run"])
-    assert (args.lr, args.max_steps, args.batch_size, args.accum, args.mae_prob) == (1e-5, 30_000, 16, 1, 0.1)
+    args, _, _ = train.settings(["--stage", "3", "--manifest", "m.csv", "--run-dir", "/nonexistent/run",
+                                 "--init-from", "scratch"])
+    assert (args.lr, args.max_steps, args.batch_size, args.accum, args.mae_prob) == (1e-5, 30_000, 16, 1, 0.25)
     assert (args.warmup, args.clip, args.betas, args.weight_decay, args.text_dropout) == (5000, 1.0, (0.9, 0.999),
                                                                                          0.01, 0.1)
-    args, _, _ = train.settings(["--stage", "2", "--manifest", "m.csv", "--lr", "3e-4"])
-    assert (args.lr, args.max_steps, args.min_clap, args.run_dir) == (3e-4, 50_000, 0.40, os.path.join("runs", "stage2"))
+    args, _, _ = train.settings(["--stage", "2", "--manifest", "m.csv", "--lr", "3e-4", "--init-from", "scratch"])
+    assert (args.lr, args.max_steps, args.min_clap, args.mae_prob) == (3e-4, 50_000, 0.40, 0.1)
+    assert args.run_dir == os.path.join("runs", "stage2")
     args, _, _ = train.settings(["--stage", "1", "--manifest", "m.csv"])
     assert (args.lr, args.max_steps, args.mae_prob, args.min_clap, args.segment) == (1e-4, 100_000, 0.25, 0.0, 10.0)
     args, _, _ = train.settings(["--stage", "vae", "--manifest", "m.csv"])
@@ -70,6 +72,27 @@ def test_stage_defaults_and_flags():
                                                                                    1e-3, 0.5)
     with pytest.raises(SystemExit, match="--stage"):
         train.settings(["--manifest", "m.csv"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stage", "2"], "stage 2 continues stage 1: pass its checkpoint with --init-from"),
+    (["--stage", "3"], "stage 3 continues stage 2: pass its checkpoint with --init-from"),
+    (["--stage", "1", "--accum", "0"], "--accum must be 1 or more"),
+    (["--stage", "1", "--log-every", "0"], "--log-every must be 1 or more"),
+])
+def test_bad_settings_get_one_line(argv, message):
+    with pytest.raises(SystemExit, match=f"^error: {message}"):
+        train.settings([*argv, "--manifest", "m.csv"])
+
+
+def test_a_failed_start_leaves_no_run_folder(clips, tmp_path, official_vae_ckpt):
+    common = ["--stage", "1", "--config", "tiny", "--manifest", str(clips), "--vae", str(official_vae_ckpt),
+              "--vae-config", "tiny", "--run-dir", str(tmp_path / "run"), *FAST]
+    with pytest.raises(SystemExit, match="fewer than --batch-size 64"):
+        train.main([*common, "--batch-size", "64"])
+    with pytest.raises(SystemExit, match="not a latent cache"):
+        train.main([*common, "--cache", str(tmp_path)])
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_run_folder_is_not_overwritten(stage1, clips):
@@ -102,6 +125,19 @@ def test_learning_rate_schedules():
     vae, _, _ = train.settings(["--stage", "vae", "--manifest", "m.csv"])
     assert train.lr_factor(0, vae) == pytest.approx(0.001)
     assert train.lr_factor(200_000, vae) == pytest.approx(2 ** -0.5, rel=1e-6)
+
+
+def test_a_gpu_that_is_not_there_gets_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="^error: --device cuda, but torch sees no GPU"):
+        train.setup_distributed("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit, match="^error: process 2 of this node has no GPU of its own"):
+        train.setup_distributed()
 
 
 def test_replica_fingerprint_sees_any_weight():
@@ -164,6 +200,45 @@ def test_vae_stage_reconstruction_loss_falls(tmp_path):
     assert ckpt["discriminator"] and len(ckpt["optimizer"]) == 2
 
 
+def test_the_waveform_loss_is_l1_on_the_samples():
+    torch.manual_seed(0)
+    vae = E.WaveformVAE(E.VAE_PRESETS["tiny"])
+    audio = 0.1 * torch.randn(2, 1280)  # longer than the STFT loss's largest window
+    loss, parts = train.VAEObjective(vae)(audio, torch.Generator().manual_seed(0))
+    weighted, parts2 = train.VAEObjective(vae, wave_weight=2.0)(audio, torch.Generator().manual_seed(0))
+    assert set(parts) == {"stft", "kl"} and set(parts2) == {"stft", "kl", "wave"}
+    with torch.no_grad():
+        mean, std = vae.posterior(audio[:, None])
+        fake = vae.decode(mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)))
+    assert float(parts2["wave"]) == pytest.approx(float((fake[..., :1280] - audio[:, None]).abs().mean()))
+    assert float(weighted.detach()) == pytest.approx(float(loss.detach() + 2 * parts2["wave"]))
+
+
+def test_the_spectral_floor_forgives_a_faint_hiss_on_silence():
+    """With the released floor, a hiss at -60 dB over digital silence costs more than no sound at all."""
+    t = torch.arange(16000) / 16000
+    real = torch.where(t < 0.5, 0.5 * torch.sin(2 * torch.pi * 440 * t), 0.0)[None, None]  # (1, 1, T)
+    hiss = real + 1e-3 * torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
+    silence = torch.zeros_like(real)
+    released, raised = train.MultiResolutionSTFTLoss(16000), train.MultiResolutionSTFTLoss(16000, floor=1.0)
+    assert released(hiss, real) > released(silence, real)
+    assert raised(hiss, real) < 0.1 * raised(silence, real)
+
+
+def test_vae_stage_without_a_critic(tmp_path):
+    """--disc-filters 0: no discriminator, so no adversarial terms, one optimiser, and a run that resumes."""
+    write_clips(tmp_path / "d", n_good=2, bad=False)
+    run = tmp_path / "vae"
+    common = ["--stage", "vae", "--config", "tiny", "--manifest", str(tmp_path / "d" / "manifest.csv"),
+              "--run-dir", str(run), "--disc-filters", "0", "--wave-weight", "1", *FAST]
+    train.main([*common, "--max-steps", "2"])
+    assert set(log_lines(run)[-1]) >= {"stft", "kl", "wave"} and "adv" not in log_lines(run)[-1]
+    ckpt = load(run / "ckpt.pt")
+    assert ckpt["discriminator"] is None and len(ckpt["optimizer"]) == 1
+    train.main([*common, "--resume", "--max-steps", "3"])
+    assert load(run / "ckpt.pt")["step"] == 3
+
+
 def test_the_three_stages_chain_and_sample(stage1, clips, tmp_path, text_encoder_dir, official_vae_ckpt):
     ck1 = load(stage1)
     assert (ck1["stage"], ck1["step"], ck1["config"]["dit"]["context_dim"], ck1["text_encoder"]) == (1, 3, 0, None)
@@ -179,7 +254,8 @@ def test_the_three_stages_chain_and_sample(stage1, clips, tmp_path, text_encoder
     ck3 = load(run3 / "ckpt.pt")
     assert (ck3["stage"], ck3["step"], ck3["config"]["dit"]["context_dim"]) == (3, 2, 32)
     assert ck3["text_encoder"] is not None and ck3["config"]["text_encoder"] is None  # tiny ByT5 T5: embedded
-    assert ck3["config"]["train"]["lr"] == 1e-5 and ck3["config"]["dit"]["mae_prob"] == 0.1
+    assert ck3["config"]["train"]["lr"] == 1e-5 and ck3["config"]["dit"]["mae_prob"] == 0.25
+    assert load(run2 / "ckpt.pt")["config"]["dit"]["mae_prob"] == 0.1
     pipe = E.EzAudio.from_pretrained(ckpt=run3 / "ckpt.pt", device="cpu")
     audio = pipe.generate(["a tone"], duration=0.05, steps=2)
     assert audio.shape == (1, round(0.05 * SR)) and torch.isfinite(audio).all()
@@ -302,6 +378,11 @@ def test_non_finite_losses_are_skipped_and_counted_then_stop_the_run(stage1, cli
     train.main([*common, "--run-dir", str(tmp_path / "a"), "--max-steps", "3"])
     lines = log_lines(tmp_path / "a")
     assert lines[1]["loss"] == "nan" and lines[-1]["line"].endswith("1 steps")
+    calls[:] = []  # the same run, logged once: its means are those of the two steps taken
+    train.main([*common, "--run-dir", str(tmp_path / "c"), "--max-steps", "3", "--log-every", "3"])
+    (line,) = log_lines(tmp_path / "c")
+    for key in ("loss", "grad"):
+        assert float(line[key]) == pytest.approx((float(lines[0][key]) + float(lines[2][key])) / 2, rel=1e-3)
     bad, calls[:] = set(range(1, 100)), []
     with pytest.raises(SystemExit, match="3 non-finite losses in a row"):
         train.main([*common, "--run-dir", str(tmp_path / "b"), "--max-steps", "10"])
@@ -328,6 +409,7 @@ def test_torchrun_two_ranks_hold_identical_weights(clips, tmp_path, official_vae
     log = (run / "log.txt").read_text()
     assert "2 x 2 x 2 examples per step" in log
     assert "saved" in log and "the 2 replicas hold identical weights" in log
+    assert all(log.count(f"warning: skipping manifest row {row}:") == 1 for row in (7, 8, 9, 10))  # once, not per rank
     assert load(run / "ckpt.pt")["step"] == 3 and len(load(run / "ckpt.pt")["rng"]) == 2
 
 
