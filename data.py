@@ -700,7 +700,8 @@ def _cache_command(sub):
                                                "(default: the released VAE, downloaded)")
     p.add_argument("--vae-config", default="released", help="VAE preset of a released-format --vae file")
     p.add_argument("--text-encoder", default=None, help="T5 hub name or folder whose outputs to store for the "
-                                                        "captions (e.g. google/flan-t5-xl); none: latents only")
+                                                        "captions (e.g. google/flan-t5-xl), or toy for the toy "
+                                                        "world's own; none: latents only")
     p.add_argument("--segment", type=float, default=10.0, help="seconds stored per clip, from its start")
     p.add_argument("--batch-size", type=int, default=8, help="clips encoded at once")
     p.add_argument("--workers", type=int, default=4, help="processes reading audio")
@@ -714,7 +715,8 @@ def _cache_command(sub):
             raise ValueError(f"unknown --vae-config {a.vae_config!r}; choose one of {', '.join(E.VAE_PRESETS)}")
         try:
             vae, vae_path = load_vae(a.vae, E.VAE_PRESETS[a.vae_config])
-            text_encoder = E.TextEncoder.from_pretrained(a.text_encoder).to(device) if a.text_encoder else None
+            text_encoder = (None if not a.text_encoder else toy_text_encoder().to(device) if a.text_encoder == "toy"
+                            else E.TextEncoder.from_pretrained(a.text_encoder).to(device))
         except E.CheckpointError as e:
             raise ValueError(str(e)) from None
         rows = read_manifest(a.manifest, a.data_root, captions=text_encoder is not None)

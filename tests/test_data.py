@@ -200,6 +200,22 @@ def test_cache_resumes_and_training_sees_the_same_latents(clips, tmp_path, offic
     torch.testing.assert_close(cached["context"][0], context[0, :n])
 
 
+def test_cache_stores_the_toy_text_encoder_inside(clips, tmp_path, official_vae_ckpt):
+    """`--text-encoder toy` needs no folder: the cache carries the toy's encoder, as its checkpoints do."""
+    out = tmp_path / "cache"
+    data.main(["cache", "--manifest", str(clips), "--out", str(out), "--vae", str(official_vae_ckpt),
+               "--vae-config", "tiny", "--text-encoder", "toy", "--segment", str(SEGMENT), "--workers", "0",
+               "--dtype", "float32", "--device", "cpu"])
+    meta = data.read_cache_meta(out)
+    assert meta["text_encoder"] is None and meta["text_encoder_state"] is not None
+    toy = E.TextEncoder.from_state(meta["text_encoder_state"])
+    rows = data.read_manifest(clips)
+    context, mask = toy([rows[0]["caption"]])
+    cached = data.collate([data.CachedClips(rows, str(out), round(SEGMENT * SR / 8))[0]])
+    torch.testing.assert_close(cached["context"][0], context[0, :int(mask.sum())])
+    torch.testing.assert_close(toy([rows[0]["caption"]])[0], data.toy_text_encoder()([rows[0]["caption"]])[0])
+
+
 def test_cache_refuses_other_settings(clips, tmp_path, official_vae_ckpt):
     out = tmp_path / "cache"
     common = ["cache", "--manifest", str(clips), "--out", str(out), "--vae", str(official_vae_ckpt),
