@@ -52,7 +52,7 @@ COMMON = dict(
     config="XL", manifest=None, data_root=None, split="train", cache=None, init_from=None, vae=None,
     vae_config=None, text_encoder=None, segment=10.0, flip=0.5, min_clap=0.0, batch_size=16, accum=1,
     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, warmup=5000, clip=1.0, ema=0.0, mae_prob=0.25,
-    text_dropout=0.1, disc_lr=3e-4, disc_filters=64, wave_weight=0.0, stft_floor=0.0, device=None, dtype="auto",
+    text_dropout=0.1, disc_lr=3e-4, disc_filters=64, wave_weight=0.0, stft_floor=0.0, a_weighting=True, device=None, dtype="auto",
     compile=False, grad_checkpointing=False, workers=4, seed=0, log_every=50, save_every=5000, sample_every=5000,
     sample_steps=50, sample_prompts=SAMPLE_PROMPTS, max_nonfinite=20)
 STAGES = {
@@ -103,6 +103,9 @@ def parser():
     a("--stft-floor", type=float, help="VAE stage: added to the magnitudes before the spectral loss takes their log "
                                        "(default 0, the released recipe; 1 for digitally silent audio such as the "
                                        "toy world's, so that a faint hiss costs less than silence)")
+    a("--a-weighting", action=argparse.BooleanOptionalAction,
+      help="VAE stage: A-weight the audio before the spectral loss (default on, the released recipe; "
+           "--no-a-weighting for audio whose low tones matter, such as the toy world's)")
     a("--betas", type=float, nargs=2, help="AdamW betas (default 0.9 0.999; VAE 0.8 0.99)")
     a("--eps", type=float, help="AdamW epsilon (default 1e-8)")
     a("--weight-decay", type=float, help="AdamW weight decay, on Linear and Conv weights only (default 0.01; "
@@ -266,19 +269,22 @@ def stft_magnitude(x, n_fft, hop):
 
 class MultiResolutionSTFTLoss(nn.Module):
     """Spectral convergence plus log-magnitude L1, averaged over FFT sizes (Yamamoto et al., "Parallel WaveGAN",
-    2020), on A-weighted waveforms, in float32. The log term compares log(magnitude + floor): the released recipe's
+    2020), on A-weighted waveforms (unless a_weighting is off), in float32. The log term compares log(magnitude + floor): the released recipe's
     floor 0 suits recordings, which are never silent, but on digitally silent audio (the toy world's) it charges a
     hiss at -60 dB more than no sound at all, and a VAE learns to go quiet before it learns to reproduce anything."""
 
-    def __init__(self, sample_rate, resolutions=STFT_RESOLUTIONS, floor=0.0):
+    def __init__(self, sample_rate, resolutions=STFT_RESOLUTIONS, floor=0.0, a_weighting=True):
         super().__init__()
         self.resolutions, self.floor = resolutions, floor
-        self.register_buffer("weighting", a_weighting_filter(sample_rate)[None, None], persistent=False)
+        weighting = a_weighting_filter(sample_rate)[None, None] if a_weighting else None
+        self.register_buffer("weighting", weighting, persistent=False)
 
     def forward(self, fake, real):  # (B, 1, T) each
         with torch.autocast(fake.device.type, enabled=False):
-            fake, real = (F.conv1d(x.float(), self.weighting, padding=self.weighting.shape[-1] // 2)[:, 0]
-                          for x in (fake, real))
+            fake, real = fake.float(), real.float()
+            if self.weighting is not None:
+                fake, real = (F.conv1d(x, self.weighting, padding=self.weighting.shape[-1] // 2) for x in (fake, real))
+            fake, real = fake[:, 0], real[:, 0]  # (B, T)
             total = 0.0
             for n_fft, hop in self.resolutions:
                 f, r = stft_magnitude(fake, n_fft, hop), stft_magnitude(real, n_fft, hop)
@@ -328,10 +334,10 @@ class VAEObjective(nn.Module):
     (it trains only the critic). Without a critic, only the spectral loss and the KL; `wave_weight` adds an L1
     loss on the samples (not in the released recipe; it ties the phase, which the spectra leave free)."""
 
-    def __init__(self, vae, discriminator=None, wave_weight=0.0, stft_floor=0.0):
+    def __init__(self, vae, discriminator=None, wave_weight=0.0, stft_floor=0.0, a_weighting=True):
         super().__init__()
         self.vae, self.discriminator, self.wave_weight = vae, discriminator, wave_weight
-        self.stft = MultiResolutionSTFTLoss(vae.cfg.sample_rate, floor=stft_floor)
+        self.stft = MultiResolutionSTFTLoss(vae.cfg.sample_rate, floor=stft_floor, a_weighting=a_weighting)
 
     def forward(self, audio, generator):
         real = audio[:, None]  # (B, 1, T)
@@ -648,7 +654,7 @@ def train(args, saved, init, rank, world, device):
         except (E.CheckpointError, KeyError) as e:
             fail(e)
         discriminator = MultiScaleSTFTDiscriminator(args.disc_filters) if args.disc_filters > 0 else None
-        objective = VAEObjective(vae, discriminator, args.wave_weight, args.stft_floor).to(device)
+        objective = VAEObjective(vae, discriminator, args.wave_weight, args.stft_floor, args.a_weighting).to(device)
         vae_cfg, vae_path, dit, ema = vae.cfg, None, None, None
         models, base_lrs = ([vae, discriminator], [args.lr, args.disc_lr]) if discriminator else ([vae], [args.lr])
     else:

@@ -225,6 +225,20 @@ def test_the_spectral_floor_forgives_a_faint_hiss_on_silence():
     assert raised(hiss, real) < 0.1 * raised(silence, real)
 
 
+def test_the_spectral_loss_can_leave_out_the_a_weighting():
+    """A-weighting all but ignores a missing 200 Hz tone beside a 1 kHz one; --no-a-weighting charges for it."""
+    t = torch.arange(16000) / 16000
+    high = 0.3 * torch.sin(2 * torch.pi * 1000 * t)
+    real, fake = (high + 0.3 * torch.sin(2 * torch.pi * 200 * t))[None, None], high[None, None]
+    weighted, flat = train.MultiResolutionSTFTLoss(16000), train.MultiResolutionSTFTLoss(16000, a_weighting=False)
+    assert flat.weighting is None and flat(fake, real) > 1.5 * weighted(fake, real)
+    assert flat(real, real) == 0
+    args, _, _ = train.settings(["--stage", "vae", "--manifest", "m.csv"])
+    assert args.a_weighting
+    args, _, _ = train.settings(["--stage", "vae", "--manifest", "m.csv", "--no-a-weighting"])
+    assert not args.a_weighting
+
+
 def test_vae_stage_without_a_critic(tmp_path):
     """--disc-filters 0: no discriminator, so no adversarial terms, one optimiser, and a run that resumes."""
     write_clips(tmp_path / "d", n_good=2, bad=False)
