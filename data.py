@@ -742,7 +742,8 @@ def clap_scores(rows, model_name="laion/larger_clap_general", batch_size=16, dev
     from transformers import AutoFeatureExtractor, AutoTokenizer, ClapModel
     try:
         model = ClapModel.from_pretrained(model_name).to(device).eval()
-        tokenizer, features = AutoTokenizer.from_pretrained(model_name), AutoFeatureExtractor.from_pretrained(model_name)
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
+        features = AutoFeatureExtractor.from_pretrained(model_name)
     except OSError as e:
         raise ValueError(f"cannot load the CLAP model {model_name!r} ({str(e).splitlines()[0][:160]}); connect "
                          "once to download it, or pass a local folder with --model") from None
@@ -767,7 +768,8 @@ def clap_scores(rows, model_name="laion/larger_clap_general", batch_size=16, dev
 def _clap_command(sub):
     p = sub.add_parser("clap", help="add a clap_score column: how well each caption fits its audio")
     add_manifest_flags(p, "CSV (audio_path,caption,split) or .jsonl with captions")
-    p.add_argument("--out", required=True, help="scored manifest to write (.csv, or .jsonl); unusable rows are left out")
+    p.add_argument("--out", required=True, help="scored manifest to write (.csv, or .jsonl); unusable rows are "
+                                                "left out")
     p.add_argument("--model", default="laion/larger_clap_general", help="CLAP model: hub name or local folder")
     p.add_argument("--batch-size", type=int, default=16, help="clips scored at once")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")

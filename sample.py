@@ -48,9 +48,10 @@ def parse_args(argv=None):
     g.add_argument("--text-encoder", metavar="NAME_OR_DIR", help="hub name or local folder of the T5 encoder "
                    "(default: the model's, google/flan-t5-xl for s3_xl)")
     g = p.add_argument_group("sampling (defaults: the paper's)")
-    g.add_argument("--duration", type=float, help="seconds of audio (default: 10; edits keep the input's length)")
+    g.add_argument("--duration", type=float, help="seconds of audio (default: 10, the toy model's 2; edits keep "
+                   "the input's length)")
     g.add_argument("--steps", type=int, default=100, help="DDIM steps, 1 to 1000 (default: 100)")
-    g.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: 5, edits 3.5); "
+    g.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: 5, edits 3.5, toy 1); "
                    "0 or 1: the text alone, no guidance")
     g.add_argument("--rescale", type=float, help="guidance rescale, 0 to 1 (default: 0.75, edits 0)")
     g.add_argument("--eta", type=float, default=1.0, help="DDIM eta: 0 deterministic, 1 ancestral (default: 1)")
@@ -76,8 +77,11 @@ def parse_args(argv=None):
                    help="WAV sample format; the PCM ones clip at +-1 (default: FLOAT, 32-bit float)")
     args = p.parse_args(argv)
     editing = args.edit is not None
-    args.cfg = args.cfg if args.cfg is not None else 3.5 if editing else 5.0
-    args.rescale = args.rescale if args.rescale is not None else 0.0 if editing else 0.75
+    defaults = dict(duration=10.0, cfg=3.5 if editing else 5.0, rescale=0.0 if editing else 0.75)  # the paper's
+    if args.ckpt is None and not editing:
+        defaults.update(E.MODELS[args.model].get("sampling", {}))
+    args.cfg = args.cfg if args.cfg is not None else defaults["cfg"]
+    args.rescale = args.rescale if args.rescale is not None else defaults["rescale"]
     problems = [
         (args.duration is not None and args.duration <= 0, "--duration must be > 0"),
         (editing and args.duration is not None, "--duration does not apply to --edit: the output keeps the "
@@ -99,7 +103,7 @@ def parse_args(argv=None):
     for bad, message in problems:
         if bad:
             p.error(message)
-    args.duration = args.duration or 10.0
+    args.duration = args.duration or defaults["duration"]
     return args
 
 

@@ -52,7 +52,8 @@ COMMON = dict(
     config="XL", manifest=None, data_root=None, split="train", cache=None, init_from=None, vae=None,
     vae_config=None, text_encoder=None, segment=10.0, flip=0.5, min_clap=0.0, batch_size=16, accum=1,
     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, warmup=5000, clip=1.0, ema=0.0, mae_prob=0.25,
-    text_dropout=0.1, disc_lr=3e-4, disc_filters=64, wave_weight=0.0, stft_floor=0.0, a_weighting=True, device=None, dtype="auto",
+    text_dropout=0.1, disc_lr=3e-4, disc_filters=64, wave_weight=0.0, stft_floor=0.0, a_weighting=True, device=None,
+    dtype="auto",
     compile=False, grad_checkpointing=False, workers=4, seed=0, log_every=50, save_every=5000, sample_every=5000,
     sample_steps=50, sample_prompts=SAMPLE_PROMPTS, max_nonfinite=20)
 STAGES = {
@@ -269,9 +270,10 @@ def stft_magnitude(x, n_fft, hop):
 
 class MultiResolutionSTFTLoss(nn.Module):
     """Spectral convergence plus log-magnitude L1, averaged over FFT sizes (Yamamoto et al., "Parallel WaveGAN",
-    2020), on A-weighted waveforms (unless a_weighting is off), in float32. The log term compares log(magnitude + floor): the released recipe's
-    floor 0 suits recordings, which are never silent, but on digitally silent audio (the toy world's) it charges a
-    hiss at -60 dB more than no sound at all, and a VAE learns to go quiet before it learns to reproduce anything."""
+    2020), on A-weighted waveforms (unless a_weighting is off), in float32. The log term compares
+    log(magnitude + floor): the released recipe's floor 0 suits recordings, which are never silent, but on digitally
+    silent audio (the toy world's) it charges a hiss at -60 dB more than no sound at all, and a VAE learns to go
+    quiet before it learns to reproduce anything."""
 
     def __init__(self, sample_rate, resolutions=STFT_RESOLUTIONS, floor=0.0, a_weighting=True):
         super().__init__()
