@@ -53,9 +53,8 @@ COMMON = dict(
     vae_config=None, text_encoder=None, segment=10.0, flip=0.5, min_clap=0.0, batch_size=16, accum=1,
     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, warmup=5000, clip=1.0, ema=0.0, mae_prob=0.25,
     text_dropout=0.1, disc_lr=3e-4, disc_filters=64, wave_weight=0.0, stft_floor=0.0, a_weighting=True, device=None,
-    dtype="auto",
-    compile=False, grad_checkpointing=False, workers=4, seed=0, log_every=50, save_every=5000, sample_every=5000,
-    sample_steps=50, sample_prompts=SAMPLE_PROMPTS, max_nonfinite=20)
+    dtype="auto", compile=False, grad_checkpointing=False, workers=4, seed=0, log_every=50, save_every=5000,
+    sample_every=5000, sample_steps=50, sample_prompts=SAMPLE_PROMPTS, max_nonfinite=20)
 STAGES = {
     "vae": dict(max_steps=1_000_000, lr=1.5e-4, betas=(0.8, 0.99), weight_decay=1e-3, warmup=1000, clip=0.0,
                 segment=0.5),

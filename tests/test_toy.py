@@ -9,6 +9,9 @@ import soundfile as sf
 import torch
 
 import data as D
+import ezaudio as E
+import sample
+import train
 
 
 def clip(facts, seed=0):
@@ -94,7 +97,6 @@ def test_degraded_captions_and_their_filter():
 
 
 def test_toy_text_encoder_is_small_frozen_and_stored_whole():
-    import ezaudio as E
     enc = D.toy_text_encoder()
     context, mask = enc(["two high beeps", "a burst of noise"])
     assert context.shape == (2, enc.max_length, enc.dim) and mask[0].sum() == len("two high beeps") + 1
@@ -133,7 +135,6 @@ def test_toy_score_of_an_empty_folder_is_a_one_line_error(tmp_path):
 
 
 def test_toy_pack_makes_one_half_precision_file_that_samples(tmp_path):
-    import ezaudio as E
     torch.manual_seed(0)
     vae = E.WaveformVAE(E.VAE_PRESETS["tiny"])
     torch.save({"format": "ezaudio", "stage": "vae", "step": 1, "config": {"dit": None, "vae": asdict(vae.cfg)},
@@ -170,8 +171,6 @@ REDUCED = dict(clips=1050, vae_steps=300, stage1_steps=30, stage2_steps=500, sta
 def test_a_reduced_toy_recipe_learns_pitch(tmp_path):
     """Every stage trained from scratch with train.py: samples of the 18 tone captions have the pitch their caption
     names far above chance (33%), so the VAE, the text conditioning and the sampler all work together."""
-    import ezaudio as E
-    import train
     world, runs = tmp_path / "world", tmp_path / "runs"
     D.main(["toy", "--out", str(world), "--train", str(REDUCED["clips"]), "--test", "0"])
     manifest = ["--manifest", str(world / "manifest.csv")]
@@ -198,7 +197,6 @@ def test_a_reduced_toy_recipe_learns_pitch(tmp_path):
 
 
 def test_the_shipped_toy_model_samples_offline(tmp_path, capsys):
-    import sample
     sample.main(["two high beeps", "--model", "toy", "--steps", "4", "--device", "cpu", "--out", str(tmp_path)])
     assert capsys.readouterr().out.startswith("toy on cpu (fp32): 2 s, 4 steps, CFG 1,")  # the toy's own defaults
     info = sf.info(tmp_path / "two_high_beeps_s0.wav")
@@ -209,7 +207,6 @@ def test_the_shipped_toy_model_samples_offline(tmp_path, capsys):
 def test_the_shipped_toy_model_still_hears_its_prompts():
     """assets/toy.pt through today's sampling code: pitch as right as the README says (99.4%), count far above
     chance (33%; the README's 66.1%), so that a change that breaks loading or sampling cannot pass unnoticed."""
-    import ezaudio as E
     model = E.EzAudio.from_pretrained("toy", device="cpu")
     tones = [c for c in D.TOY_CAPTIONS if D.parse_toy_caption(c)["kind"] == "tone"] * 2
     audio = model.generate(tones, duration=2.0, steps=50, guidance=E.MODELS["toy"]["sampling"]["cfg"],
