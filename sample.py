@@ -161,8 +161,9 @@ def main(argv=None):
         if args.compile:
             model.dit.compile()
         task = f"editing {args.edit}" if args.edit else f"{args.duration:g} s"
-        print(f"{args.ckpt or args.model} on {model.device} ({args.dtype}): {task}, {args.steps} steps, "
-              f"CFG {args.cfg:g}{f', rescale {args.rescale:g}' if args.cfg != 1 else ''}, eta {args.eta:g}")
+        guidance = f"CFG {args.cfg:g}" + (f", rescale {args.rescale:g}" if args.cfg not in (0, 1) else "")
+        print(f"{args.ckpt or args.model} on {model.device} ({args.dtype}): {task}, {args.steps} steps, {guidance}, "
+              f"eta {args.eta:g}")
         os.makedirs(args.out, exist_ok=True)
         for prompt in args.prompts:
             for seed, audio in samples(model, args, prompt):

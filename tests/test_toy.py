@@ -202,6 +202,8 @@ def test_the_shipped_toy_model_samples_offline(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("toy on cpu (fp32): 2 s, 4 steps, CFG 1, eta 1")
     info = sf.info(tmp_path / "two_high_beeps_s0.wav")
     assert (info.samplerate, info.frames) == (16000, 32000)
+    sample.main(["two high beeps", "--model", "toy", "--steps", "1", "--cfg", "3", "--out", str(tmp_path)])
+    assert "1 steps, CFG 3, rescale 0.75, eta 1" in capsys.readouterr().out  # guided: the rescale matters
 
 
 @pytest.mark.slow
