@@ -253,6 +253,22 @@ def test_vae_stage_without_a_critic(tmp_path):
     assert load(run / "ckpt.pt")["step"] == 3
 
 
+def test_a_vae_run_started_from_another_resumes_exactly(tmp_path):
+    """A VAE run started --init-from another (the toy recipe's second VAE run) has that run's shape, not
+    --config's; --resume must rebuild that shape and land where an uninterrupted run does."""
+    write_clips(tmp_path / "d", n_good=2, bad=False)
+    common = ["--manifest", str(tmp_path / "d" / "manifest.csv"), "--disc-filters", "0", "--lr", "1e-2", *FAST]
+    train.main(["--stage", "vae", "--config", "tiny", "--run-dir", str(tmp_path / "a"), "--max-steps", "1", *common])
+    second = ["--stage", "vae", "--init-from", str(tmp_path / "a" / "ckpt.pt"), *common]
+    train.main([*second, "--run-dir", str(tmp_path / "whole"), "--max-steps", "3"])
+    train.main([*second, "--run-dir", str(tmp_path / "cut"), "--max-steps", "2"])
+    train.main(["--resume", "--run-dir", str(tmp_path / "cut"), "--max-steps", "3", *common])
+    whole, cut = load(tmp_path / "whole" / "ckpt.pt"), load(tmp_path / "cut" / "ckpt.pt")
+    assert cut["step"] == 3 and E.vae_from_checkpoint(cut).cfg == E.VAE_PRESETS["tiny"]
+    for key, value in whole["vae"].items():
+        torch.testing.assert_close(cut["vae"][key], value, rtol=0, atol=0, msg=key)
+
+
 def test_the_three_stages_chain_and_sample(stage1, clips, tmp_path, text_encoder_dir, official_vae_ckpt):
     ck1 = load(stage1)
     assert (ck1["stage"], ck1["step"], ck1["config"]["dit"]["context_dim"], ck1["text_encoder"]) == (1, 3, 0, None)
