@@ -208,8 +208,8 @@ def test_the_shipped_toy_model_samples_offline(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_the_shipped_toy_model_still_hears_its_prompts():
-    """assets/toy.pt through today's sampling code: pitch as right as the README says (99.4%), count far above
-    chance (33%; the README's 66.1%), so that a change that breaks loading or sampling cannot pass unnoticed."""
+    """assets/toy.pt through today's sampling code: pitch as right as the README says (100.0%), count far above
+    chance (33%; the README's 80.0%), so that a change that breaks loading or sampling cannot pass unnoticed."""
     model = E.EzAudio.from_pretrained("toy", device="cpu")
     tones = [c for c in D.TOY_CAPTIONS if D.parse_toy_caption(c)["kind"] == "tone"] * 2
     audio = model.generate(tones, duration=2.0, steps=50, guidance=E.MODELS["toy"]["sampling"]["cfg"],
