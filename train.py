@@ -649,8 +649,8 @@ def train(args, saved, init, rank, world, device):
     preview = master and args.sample_every > 0
     text_encoder = text_name = text_state = vae = discriminator = None
     if vae_stage:
-        try:  # a resumed run keeps its own shape, which may have come from --init-from rather than --config
-            vae = (E.vae_from_checkpoint(saved, name=f"{args.run_dir}/ckpt.pt") if saved
+        try:  # a resumed run keeps its own shape (from --init-from, maybe, not --config); its weights load below
+            vae = (E.WaveformVAE(E.config_from_dict(E.VAEConfig, saved["config"]["vae"])) if saved
                    else E.vae_from_checkpoint(init, E.VAE_PRESETS[vae_preset], args.init_from) if init is not None
                    else E.WaveformVAE(E.VAE_PRESETS[vae_preset]))
         except (E.CheckpointError, KeyError) as e:
