@@ -714,11 +714,12 @@ def masked_mse(pred, target, mask):
     return ((per_frame * m).sum(1) / m.sum(1).clamp(min=1)).mean()
 
 
-def diffusion_loss(dit, diffusion, x0, context=None, context_mask=None, generator=None, mae_prob=None):
-    """The training loss of one batch of clean latents x0 (B, C, L): uniform timesteps, span-masked input,
-    v-prediction MSE on the masked frames."""
+def diffusion_loss(dit, diffusion, x0, context=None, context_mask=None, generator=None, mae_prob=None,
+                   min_timestep=0):
+    """The training loss of one batch of clean latents x0 (B, C, L): timesteps uniform on [min_timestep, T) (the
+    paper's: all of them), span-masked input, v-prediction MSE on the masked frames."""
     B, C, L = x0.shape
-    t = torch.randint(0, diffusion.num_train_timesteps, (B,), generator=generator, device=x0.device)
+    t = torch.randint(min_timestep, diffusion.num_train_timesteps, (B,), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     mask = span_mask(B, L, dit.cfg, generator, x0.device, mae_prob)
     v = dit(diffusion.add_noise(x0, noise, t), t, context, context_mask, gt=x0, mask=mask)

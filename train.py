@@ -52,9 +52,9 @@ COMMON = dict(
     config="XL", manifest=None, data_root=None, split="train", cache=None, init_from=None, vae=None,
     vae_config=None, text_encoder=None, segment=10.0, flip=0.5, min_clap=0.0, batch_size=16, accum=1,
     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, warmup=5000, clip=1.0, ema=0.0, mae_prob=0.25,
-    text_dropout=0.1, disc_lr=3e-4, disc_filters=64, wave_weight=0.0, stft_floor=0.0, a_weighting=True, device=None,
-    dtype="auto", compile=False, grad_checkpointing=False, workers=4, seed=0, log_every=50, save_every=5000,
-    sample_every=5000, sample_steps=50, sample_prompts=SAMPLE_PROMPTS, max_nonfinite=20)
+    min_timestep=0, text_dropout=0.1, disc_lr=3e-4, disc_filters=64, wave_weight=0.0, stft_floor=0.0, a_weighting=True,
+    device=None, dtype="auto", compile=False, grad_checkpointing=False, workers=4, seed=0, log_every=50,
+    save_every=5000, sample_every=5000, sample_steps=50, sample_prompts=SAMPLE_PROMPTS, max_nonfinite=20)
 STAGES = {
     "vae": dict(max_steps=1_000_000, lr=1.5e-4, betas=(0.8, 0.99), weight_decay=1e-3, warmup=1000, clip=0.0,
                 segment=0.5),
@@ -116,6 +116,9 @@ def parser():
     a("--ema", type=float, help="decay of an EMA of the DiT's weights, 0 = none (default 0; e.g. 0.9999)")
     a("--mae-prob", type=float, help="probability that an example is span-masked rather than fully masked "
                                      "(default 0.25; 0.1 in stage 2)")
+    a("--min-timestep", type=int, help="DiT stages: draw training timesteps from [this, 1000) only (default 0, the "
+                                       "paper's: all); e.g. 600 fine-tunes the noisiest steps, where a clip's "
+                                       "layout, such as how many events it has, is decided")
     a("--text-dropout", type=float, help="fraction of captions replaced by \"\" for classifier-free guidance "
                                          "(default 0.1)")
     a("--device", choices=["cuda", "cpu"], help="where to train (default: cuda when torch sees a GPU); under "
@@ -186,6 +189,8 @@ def settings(argv=None):
     for name in ("batch_size", "accum", "log_every", "save_every", "max_nonfinite"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be 1 or more")
+    if not 0 <= args.min_timestep < E.DiffusionConfig.num_train_timesteps:
+        fail(f"--min-timestep must be 0 to {E.DiffusionConfig.num_train_timesteps - 1}")
     if args.vae_config and args.vae_config not in E.VAE_PRESETS:
         fail(f"unknown --vae-config {args.vae_config!r}; choose one of {', '.join(E.VAE_PRESETS)}")
     if stage != "vae" and args.config not in E.DIT_PRESETS and not init:
@@ -378,12 +383,13 @@ class VAEObjective(nn.Module):
 class DiffusionObjective(nn.Module):
     """The masked-diffusion loss (paper Sec. II-C) as one module, so that DDP wraps a single forward."""
 
-    def __init__(self, dit):
+    def __init__(self, dit, min_timestep=0):
         super().__init__()
-        self.dit, self.diffusion = dit, E.Diffusion()
+        self.dit, self.diffusion, self.min_timestep = dit, E.Diffusion(), min_timestep
 
     def forward(self, x0, context, context_mask, generator):
-        loss = E.diffusion_loss(self.dit, self.diffusion, x0, context, context_mask, generator)
+        loss = E.diffusion_loss(self.dit, self.diffusion, x0, context, context_mask, generator,
+                                min_timestep=self.min_timestep)
         return loss, {"loss": loss.detach()}
 
 
@@ -681,7 +687,7 @@ def train(args, saved, init, rank, world, device):
         if dit.cfg.latent_dim != vae_cfg.latent_dim:
             fail(f"the VAE's latent_dim {vae_cfg.latent_dim} does not match the DiT's {dit.cfg.latent_dim}; "
                  "pass the matching --vae (and --vae-config)")
-        objective = DiffusionObjective(dit).to(device)
+        objective = DiffusionObjective(dit, args.min_timestep).to(device)
         ema = EMA(dit, args.ema) if args.ema > 0 else None
         models, base_lrs = [dit], [args.lr]
         empty = meta["empty"].float() if meta and meta["empty"] is not None else None

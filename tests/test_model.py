@@ -139,6 +139,16 @@ def test_diffusion_loss_backpropagates():
     assert torch.isfinite(loss) and dit.model.patch_embed.proj.weight.grad.abs().sum() > 0
 
 
+def test_diffusion_loss_draws_timesteps_from_min_timestep_on():
+    dit = E.EzAudioDiT(E.DIT_PRESETS["tiny"]).init_weights()
+    drawn = []
+    dit.register_forward_pre_hook(lambda module, args: drawn.append(args[1]))
+    for min_timestep in (0, 990):
+        E.diffusion_loss(dit, E.Diffusion(), torch.randn(64, 8, 10), torch.randn(64, 5, 32),
+                         generator=torch.Generator().manual_seed(0), min_timestep=min_timestep)
+    assert drawn[0].min() < 990 and drawn[1].min() >= 990 and drawn[1].max() <= 999
+
+
 # ---- the DiT -----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,7 @@ def test_stage_defaults_and_flags():
     (["--stage", "3"], "stage 3 continues stage 2: pass its checkpoint with --init-from"),
     (["--stage", "1", "--accum", "0"], "--accum must be 1 or more"),
     (["--stage", "1", "--log-every", "0"], "--log-every must be 1 or more"),
+    (["--stage", "1", "--min-timestep", "1000"], "--min-timestep must be 0 to 999"),
 ])
 def test_bad_settings_get_one_line(argv, message):
     with pytest.raises(SystemExit, match=f"^error: {message}"):
@@ -93,6 +94,15 @@ def test_a_failed_start_leaves_no_run_folder(clips, tmp_path, official_vae_ckpt)
     with pytest.raises(SystemExit, match="not a latent cache"):
         train.main([*common, "--cache", str(tmp_path)])
     assert not (tmp_path / "run").exists()
+
+
+def test_min_timestep_reaches_the_loss(clips, tmp_path, official_vae_ckpt, monkeypatch):
+    passed, loss = [], E.diffusion_loss
+    monkeypatch.setattr(E, "diffusion_loss", lambda *a, **kw: passed.append(kw["min_timestep"]) or loss(*a, **kw))
+    train.main(["--stage", "1", "--config", "tiny", "--manifest", str(clips), "--vae", str(official_vae_ckpt),
+                "--vae-config", "tiny", "--run-dir", str(tmp_path / "run"), "--max-steps", "2", "--min-timestep",
+                "990", *FAST])
+    assert passed == [990, 990]
 
 
 def test_a_run_folder_is_not_overwritten(stage1, clips):
