@@ -163,7 +163,7 @@ def test_toy_pack_makes_one_half_precision_file_that_samples(tmp_path):
         D.main(["toy-pack", "--ckpt", str(tmp_path / "vae.pt"), "--out", str(tmp_path / "x.pt")])
 
 
-# The README's toy recipe, shortened to about 6 minutes on 2 cores: enough for pitch, not yet for count (README)
+# The README's toy recipe, shortened to about 5 minutes on 2 cores: enough for pitch, not yet for count (README)
 REDUCED = dict(clips=1050, vae_steps=300, stage1_steps=30, stage2_steps=500, stage3_steps=30)
 
 
