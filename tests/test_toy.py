@@ -195,7 +195,6 @@ def test_a_reduced_toy_recipe_learns_pitch_and_count(tmp_path):
     tones = [c for c in D.TOY_CAPTIONS if D.parse_toy_caption(c)["kind"] == "tone"] * 2
     audio = model.generate(tones, duration=2.0, steps=50, guidance=1.0, seed=list(range(len(tones))))
     scores = D.score_toy((c, D.measure_toy(a.numpy())) for c, a in zip(tones, audio))
-    print(D.format_toy_scores(scores))
     assert scores["pitch"][0] / scores["pitch"][1] >= 0.8 and scores["count"][0] / scores["count"][1] >= 0.7, \
         D.format_toy_scores(scores)
 
