@@ -192,19 +192,21 @@ def test_text_dropout_replaces_captions_by_the_empty_one():
 
 
 def test_vae_stage_reconstruction_loss_falls(tmp_path):
-    """One clip, unflipped, every step: what changes between steps is the VAE (and its posterior sample)."""
+    """One clip, unflipped, every step: what changes between steps is the VAE (and its posterior sample). The loss
+    stays near its start for a number of steps that depends on the seed, then drops within a few: after 30 steps it
+    had not yet for 4 of seeds 5-14, after 50 it had for all of seeds 0-14."""
     write_clips(tmp_path / "d", n_good=1, bad=False)
     (tmp_path / "d" / "one.csv").write_text("audio_path\naudio/clip0.wav\naudio/clip0.wav\n")
     run = tmp_path / "vae"
     train.main(["--stage", "vae", "--config", "tiny", "--manifest", str(tmp_path / "d" / "one.csv"),
-                "--run-dir", str(run), "--max-steps", "30", "--lr", "3e-3", "--disc-lr", "3e-3",
+                "--run-dir", str(run), "--max-steps", "50", "--lr", "3e-3", "--disc-lr", "3e-3",
                 "--disc-filters", "4", *FAST, "--flip", "0"])
     stft = [float(line["stft"]) for line in log_lines(run)]
-    assert len(stft) == 30
+    assert len(stft) == 50
     assert sum(stft[-5:]) / 5 < 0.7 * sum(stft[:5]) / 5, stft
     ckpt = load(run / "ckpt.pt")
     assert (ckpt["format"], ckpt["stage"], ckpt["step"], ckpt["model"], ckpt["config"]["dit"]) == ("ezaudio", "vae",
-                                                                                                 30, None, None)
+                                                                                                 50, None, None)
     vae = E.vae_from_checkpoint(ckpt, name="vae stage")
     assert vae.cfg == E.VAE_PRESETS["tiny"]
     assert ckpt["discriminator"] and len(ckpt["optimizer"]) == 2
