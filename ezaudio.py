@@ -1011,19 +1011,16 @@ class EzAudio:
             raise CheckpointError(f"{ckpt}: no text encoder is named; pass one with --text-encoder")
         return cls(dit, vae, text_encoder, device, dtype)
 
-    def _sample(self, prompts, seeds, negative, guidance, **kw):
-        """Latents for a batch of prompts, sample i drawing its noise from a generator of its own seeded with
-        seeds[i]. As in the published pipeline, an all-empty batch, and guidance 0, sample without guidance."""
-        if len(seeds) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    def _sample(self, prompts, generators, negative, guidance, **kw):
+        """Latents for a batch of prompts, sample i drawing its noise from generators[i]. As in the published
+        pipeline, an all-empty batch, and guidance 0 or 1, sample without guidance."""
         if self.text_encoder is None and any(prompts):
             raise ValueError('this model has no text conditioning (a stage-1 checkpoint); give the empty prompt ""')
         context = mask = neg_context = neg_mask = None
         if self.text_encoder is not None:
             context, mask = self.text_encoder(prompts)
-            if any(prompts) and guidance:
+            if any(prompts) and guidance not in (0, 1):  # 1 is the text alone: no negative pass
                 neg_context, neg_mask = self.text_encoder([negative] * len(prompts))
-        generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
             return self.diffusion.sample(self.dit, context, mask, neg_context, neg_mask, guidance=guidance,
                                          generator=generators, batch=len(prompts), **kw)
@@ -1036,9 +1033,12 @@ class EzAudio:
         alone as in a batch (up to float rounding). Defaults are the paper's: 100 DDIM steps, CFG 5, rescale 0.75,
         eta 1."""
         seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         length = max(1, round(duration * self.sample_rate / self.hop))
-        latents = self._sample(prompts, seeds, negative, guidance, length=length, steps=steps, rescale=rescale,
-                               eta=eta, progress=progress)
+        generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        latents = self._sample(prompts, generators, negative, guidance, length=length, steps=steps,
+                               rescale=rescale, eta=eta, progress=progress)
         return self.vae.decode(latents)[:, 0].cpu()
 
     @torch.inference_mode()
@@ -1063,13 +1063,16 @@ class EzAudio:
         s0 = round(w0 * sr)
         s1 = min(s0 + math.ceil((round(w1 * sr) - s0) / self.hop) * self.hop, audio.numel())
         window = F.pad(audio[s0:s1], (0, -(s1 - s0) % self.hop)).to(self.device)[None, None]  # (1, 1, T)
-        gt = self.vae.encode(window, generator=torch.Generator(self.device).manual_seed(seed))  # (1, C, L)
+        # one stream for the posterior sample, then the sampler: from two streams of one seed, the two would be the
+        # same tensor
+        generator = torch.Generator(self.device).manual_seed(seed)
+        gt = self.vae.encode(window, generator=generator)  # (1, C, L)
         f0, f1 = round((mask_start - w0) * frame_rate), round((mask_end - w0) * frame_rate)
         if f1 <= f0:
             raise ValueError(f"the mask must cover at least one latent frame ({1 / frame_rate:g} s)")
         frames = torch.arange(gt.shape[-1], device=self.device)
         mask = ((frames >= f0) & (frames < f1))[None, None]  # (1, 1, L), True = regenerate
-        latents = self._sample([prompt], [seed], negative, guidance, steps=steps, rescale=rescale, eta=eta,
+        latents = self._sample([prompt], [generator], negative, guidance, steps=steps, rescale=rescale, eta=eta,
                                gt=gt, mask=mask, progress=progress)
         audio[s0:s1] = self.vae.decode(latents)[0, 0, : s1 - s0].cpu()
         return audio

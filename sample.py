@@ -90,6 +90,7 @@ def parse_args(argv=None):
         (not 0 <= args.rescale <= 1, "--rescale must be 0 to 1"),
         (args.eta < 0, "--eta must be >= 0"),
         (args.num_samples < 1 or args.batch_size < 1, "--num-samples and --batch-size must be >= 1"),
+        (not 0 <= args.seed <= 2 ** 63 - args.num_samples, "--seed must be 0 to 2^63 - --num-samples"),
         (editing and (args.mask_start is None or args.mask_length is None),
          "--edit needs --mask-start and --mask-length"),
         (not editing and (args.mask_start, args.mask_length) != (None, None), "--mask-start and --mask-length "
@@ -128,10 +129,12 @@ def clip_seconds(path):
     """Seconds of the --edit clip from its header alone, so that a bad file or a mask outside the clip fails before
     minutes of model loading. Where soundfile cannot open it, read_audio says why in one line."""
     try:
-        return sf.info(str(path)).duration
+        info = sf.info(str(path))
     except sf.SoundFileError:
-        read_audio(path, 1)  # raises an AudioError
-        raise
+        info = None
+    if info is None or info.frames == 0:
+        read_audio(path, 1)  # raises an AudioError that says why
+    return info.duration
 
 
 def samples(model, args, prompt):
@@ -161,7 +164,8 @@ def main(argv=None):
         if args.compile:
             model.dit.compile()
         task = f"editing {args.edit}" if args.edit else f"{args.duration:g} s"
-        guidance = f"CFG {args.cfg:g}" + (f", rescale {args.rescale:g}" if args.cfg not in (0, 1) else "")
+        guided = args.cfg not in (0, 1) and any(args.prompts) and model.text_encoder is not None
+        guidance = f"CFG {args.cfg:g}, rescale {args.rescale:g}" if guided else "no guidance"
         print(f"{args.ckpt or args.model} on {model.device} ({args.dtype}): {task}, {args.steps} steps, {guidance}, "
               f"eta {args.eta:g}")
         os.makedirs(args.out, exist_ok=True)

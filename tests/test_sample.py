@@ -134,8 +134,16 @@ def test_empty_prompt_and_cfg_zero_run_without_guidance(model):
     assert dit_batch_sizes(model, prompts=["a dog barks"], guidance=0) == {1}
 
 
-def test_empty_prompt_on_the_command_line(run):
+def test_cfg_one_encodes_no_negative_prompt(model, monkeypatch):
+    calls = []
+    spy(monkeypatch, model.text_encoder, "forward", calls)
+    assert dit_batch_sizes(model, prompts=["a dog barks"], guidance=1) == {1}
+    assert [args[0] for args, _ in calls] == [["a dog barks"]]
+
+
+def test_empty_prompt_on_the_command_line(run, capsys):
     assert os.listdir(run("")) == ["unconditional_s0.wav"]
+    assert ", no guidance, " in capsys.readouterr().out  # though --cfg is 5: there is no text to guide by
 
 
 def test_bf16_autocast_on_cpu_changes_the_numbers_only_a_little(model):
@@ -225,6 +233,18 @@ def test_edit_regenerates_the_masked_frames_and_keeps_the_rest(model, monkeypatc
     assert not torch.equal(out[600:3000], normalised[600:3000])
 
 
+def test_edit_draws_its_posterior_sample_apart_from_the_initial_noise(model, monkeypatch):
+    """Both come from `seed`; drawn from one stream they would be the same tensor, which training never sees."""
+    posteriors, encoded, noises = [], [], []
+    spy(monkeypatch, model.vae, "posterior", posteriors)
+    spy(monkeypatch, model.vae, "encode", encoded)
+    spy(monkeypatch, E, "randn", noises)
+    model.edit(0.3 * torch.sin(torch.arange(4800) / 7.0), "a cat", mask_start=0.05, mask_length=0.05, steps=2, seed=3)
+    (mean, std), gt, first_noise = posteriors[0][1], encoded[0][1], noises[0][1]
+    assert first_noise.shape == gt.shape
+    assert not torch.allclose((gt - mean) / std, first_noise, atol=0.5)
+
+
 def test_a_mask_past_the_end_extends_the_clip(model):
     clip = torch.sin(torch.arange(2400) / 5.0)  # 0.1 s
     out = model.edit(clip, "a cat", mask_start=0.1, mask_length=0.05, boundary=0.01, steps=2)
@@ -250,6 +270,7 @@ def bad_files(tmp_path, dit_yaml, official_vae_ckpt):
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint at all")
     (tmp_path / "text.wav").write_text("hello")
     sf.write(tmp_path / "clip.wav", np.zeros(2400), SR)
+    sf.write(tmp_path / "empty.wav", np.zeros(0), SR)
     config = yaml.safe_load(dit_yaml.read_text())
     config["model"]["depth"] = 6
     (tmp_path / "deeper.yml").write_text(yaml.safe_dump(config))
@@ -270,10 +291,13 @@ BAD = [  # (flags replacing or adding to the tiny models' flags, what the messag
     (["--steps", "0"], "--steps must be 1 to 1000"),
     (["--rescale", "2"], "--rescale must be 0 to 1"),
     (["--num-samples", "0"], "--num-samples"),
+    (["--seed", "-1"], "--seed must be 0 to 2^63"),
+    (["--seed", str(2 ** 63 - 1), "--num-samples", "2"], "--seed must be 0 to 2^63"),
     (["--dtype", "fp16"], "float16 runs on a GPU only"),
     (["--device", "nonsense"], "device 'nonsense' is not usable here"),
     (["--edit", "{tmp}/text.wav", "--mask-start", "0", "--mask-length", "0.01"], "not a readable audio file"),
     (["--edit", "{tmp}/missing.wav", "--mask-start", "0", "--mask-length", "0.01"], "missing.wav: no such file"),
+    (["--edit", "{tmp}/empty.wav", "--mask-start", "0", "--mask-length", "0.01"], "empty.wav: the file holds no audio"),
     (["--edit", "{tmp}/clip.wav", "--mask-start", "0.5", "--mask-length", "0.01"], "must start within the 0.10 s"),
     (["--edit", "{tmp}/clip.wav", "--mask-start", "0.01", "--mask-length", "-1"], "positive length"),
     (["--edit", "{tmp}/clip.wav", "--mask-start", "0.01", "--mask-length", "0.0001"], "at least one latent frame"),
