@@ -277,6 +277,9 @@ def write_toy(out, n_train, n_test, seed=0, paraphrase_prob=0.3):
     """Render the toy world into `out`: audio/{split}_{i}.wav (16-bit, 16 kHz), manifest.csv (audio_path, caption,
     split; classes in turn, captions canonical or paraphrased) and stage2.csv (the train clips again, with
     degraded captions and a clap_score column). Every clip depends only on (seed, split, index)."""
+    if n_train < 1 or n_test < 0:
+        raise ValueError(f"a toy world needs 1 or more training clips and 0 or more test clips, not {n_train} and "
+                         f"{n_test}")
     os.makedirs(os.path.join(out, "audio"), exist_ok=True)
     rows, stage2 = [], []
     for split, n in (("train", n_train), ("test", n_test)):
@@ -543,8 +546,8 @@ class ShardSampler(torch.utils.data.Sampler):
 
     def shard(self):
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
-        order = torch.cat([order, order[: -self.n % self.world]]) if self.n % self.world else order
-        return order[self.rank::self.world]
+        total = math.ceil(self.n / self.world) * self.world
+        return order.repeat(math.ceil(total / self.n))[:total][self.rank::self.world]
 
     def __iter__(self):
         return iter(self.shard()[self.start:].tolist())
@@ -788,7 +791,7 @@ COMMANDS.append(_clap_command)
 
 
 # -----------------------------------------------------------------------------
-# Command line: python data.py {check,cache,clap,toy,toy-score} ...
+# Command line: python data.py {check,cache,clap,toy,toy-score,toy-pack} ...
 
 
 def main(argv=None):

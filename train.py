@@ -189,8 +189,17 @@ def settings(argv=None):
     for name in ("batch_size", "accum", "log_every", "save_every", "max_nonfinite"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be 1 or more")
-    if not 0 <= args.min_timestep < E.DiffusionConfig.num_train_timesteps:
-        fail(f"--min-timestep must be 0 to {E.DiffusionConfig.num_train_timesteps - 1}")
+    steps = E.DiffusionConfig.num_train_timesteps
+    for bad, message in [
+            (not 0 <= args.min_timestep < steps, f"--min-timestep must be 0 to {steps - 1}"),
+            (not 1 <= args.sample_steps <= steps, f"--sample-steps must be 1 to {steps}"),
+            (args.segment <= 0, "--segment must be > 0"),
+            (args.lr <= 0 or args.disc_lr <= 0, "--lr and --disc-lr must be > 0"),
+            (not 0 <= args.ema < 1, "--ema must be 0 (none) or a decay below 1"),
+            (min(args.workers, args.sample_every, args.disc_filters, args.warmup) < 0,
+             "--workers, --sample-every, --disc-filters and --warmup must be 0 or more")]:
+        if bad:
+            fail(message)
     if args.vae_config and args.vae_config not in E.VAE_PRESETS:
         fail(f"unknown --vae-config {args.vae_config!r}; choose one of {', '.join(E.VAE_PRESETS)}")
     if stage != "vae" and args.config not in E.DIT_PRESETS and not init:
@@ -692,6 +701,10 @@ def train(args, saved, init, rank, world, device):
         models, base_lrs = [dit], [args.lr]
         empty = meta["empty"].float() if meta and meta["empty"] is not None else None
     frames = max(1, round(args.segment * vae_cfg.sample_rate / vae_cfg.hop))  # latent frames per example
+    shortest = STFT_RESOLUTIONS[0][0] // 2 + 1  # the spectral loss pads its longest window by half, by reflection
+    if vae_stage and frames * vae_cfg.hop < shortest:
+        fail(f"--segment {args.segment:g} is too short for the VAE stage's spectral loss: it needs "
+             f"{shortest / vae_cfg.sample_rate:.3f} s ({shortest} samples) or more")
     try:
         dataset = (data.CachedClips(rows, args.cache, frames, args.seed) if meta else
                    data.AudioClips(rows, vae_cfg.sample_rate, frames * vae_cfg.hop, args.seed, args.flip))
@@ -706,6 +719,8 @@ def train(args, saved, init, rank, world, device):
     if saved:
         try:
             for key, m in zip(("vae", "discriminator") if vae_stage else ("model",), models):
+                if saved[key] is None:
+                    raise E.CheckpointError(f"{args.run_dir}/ckpt.pt holds no {key}")
                 E.load_weights(m, saved[key], f"{args.run_dir}/ckpt.pt")
             if ema:
                 E.load_weights(ema.model, saved["ema"] or saved["model"], f"{args.run_dir}/ckpt.pt")
@@ -713,7 +728,8 @@ def train(args, saved, init, rank, world, device):
             fail(f"{e}; resume with the run's own model flags")
         for opt, state in zip(optimizers, saved["optimizer"]):
             opt.load_state_dict(state)
-        scaler.load_state_dict(saved["scaler"])
+        if saved["scaler"]:  # empty when the run did not scale its loss (fp32, bf16)
+            scaler.load_state_dict(saved["scaler"])
         step, position = saved["step"], dict(saved["data"])
         if rank < len(saved["rng"]):
             set_rng_state(saved["rng"][rank], generator)

@@ -163,6 +163,8 @@ def test_shard_sampler_splits_a_permutation_among_ranks_and_resumes():
     assert set(sum(shards, [])) == set(range(10))
     assert list(data.ShardSampler(10, 1, 3, seed=1, epoch=0, start=2)) == shards[1][2:]
     assert list(data.ShardSampler(10, 0, 1, seed=1, epoch=1)) != list(data.ShardSampler(10, 0, 1, seed=1, epoch=0))
+    # fewer clips than ranks: the permutation wraps around as often as it takes, so that no rank waits on nothing
+    assert [len(list(data.ShardSampler(1, r, 4))) for r in range(4)] == [1, 1, 1, 1]
 
 
 # -----------------------------------------------------------------------------

@@ -120,6 +120,9 @@ def test_toy_command_writes_a_world_that_scores_perfectly(tmp_path, capsys):
     D.main(["toy-score", str(tmp_path), "--split", "test"])
     table = capsys.readouterr().out
     assert "kind           21    100.0%" in table and "count          18    100.0%" in table
+    with pytest.raises(SystemExit, match="^error: a toy world needs 1 or more training clips"):
+        D.main(["toy", "--out", str(tmp_path / "none"), "--train", "0"])
+    assert not (tmp_path / "none").exists()
 
 
 def test_toy_score_reads_captions_from_file_names(tmp_path, capsys):

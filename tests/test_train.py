@@ -80,6 +80,11 @@ def test_stage_defaults_and_flags():
     (["--stage", "1", "--accum", "0"], "--accum must be 1 or more"),
     (["--stage", "1", "--log-every", "0"], "--log-every must be 1 or more"),
     (["--stage", "1", "--min-timestep", "1000"], "--min-timestep must be 0 to 999"),
+    (["--stage", "1", "--sample-steps", "0"], "--sample-steps must be 1 to 1000"),
+    (["--stage", "1", "--segment", "0"], "--segment must be > 0"),
+    (["--stage", "1", "--lr", "-1"], "--lr and --disc-lr must be > 0"),
+    (["--stage", "1", "--ema", "1"], "--ema must be 0"),
+    (["--stage", "1", "--workers", "-1"], "--workers, --sample-every, --disc-filters and --warmup must be 0 or more"),
 ])
 def test_bad_settings_get_one_line(argv, message):
     with pytest.raises(SystemExit, match=f"^error: {message}"):
@@ -261,8 +266,12 @@ def test_vae_stage_without_a_critic(tmp_path):
     assert set(log_lines(run)[-1]) >= {"stft", "kl", "wave"} and "adv" not in log_lines(run)[-1]
     ckpt = load(run / "ckpt.pt")
     assert ckpt["discriminator"] is None and len(ckpt["optimizer"]) == 1
-    train.main([*common, "--resume", "--max-steps", "3"])
+    with pytest.raises(SystemExit, match="^error: .*ckpt.pt holds no discriminator; resume with the run's own"):
+        train.main([*common, "--resume", "--max-steps", "3", "--disc-filters", "4"])
+    train.main([*common, "--resume", "--max-steps", "3", "--dtype", "fp16"])  # a loss scale starts afresh
     assert load(run / "ckpt.pt")["step"] == 3
+    with pytest.raises(SystemExit, match=r"^error: --segment 0.02 is too short for the VAE stage's spectral loss"):
+        train.main([*common, "--run-dir", str(tmp_path / "short"), "--segment", "0.02"])
 
 
 def test_a_vae_run_started_from_another_resumes_exactly(tmp_path):
