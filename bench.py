@@ -261,8 +261,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.vae = args.vae or (args.preset if args.preset in VAE_PRESETS else "released")
     if min(args.batch, args.length, args.steps, args.sample_batch, args.iters) < 1 or args.duration <= 0 \
-            or args.warmup < 0:
-        p.error("--batch, --length, --steps, --sample-batch, --iters and --duration must be positive, --warmup >= 0")
+            or args.warmup < 0 or args.steps > 1000:
+        p.error("--batch, --length, --steps, --sample-batch, --iters and --duration must be positive, --warmup >= 0, "
+                "--steps at most 1000")
     return args
 
 

@@ -191,3 +191,9 @@ def test_bench_runs(capsys):
 def test_bench_rejects_mismatched_presets():
     with pytest.raises(SystemExit, match="^error: .*latent widths"):
         bench.main(["--preset", "L", "--vae", "tiny"])
+
+
+def test_bench_rejects_more_steps_than_timesteps(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "tiny", "--steps", "1001"])
+    assert "--steps at most 1000" in capsys.readouterr().err
