@@ -320,7 +320,10 @@ def pack_checkpoint(path, out):
         ckpt = E.load_file(path)
         if not E.is_project_checkpoint(ckpt) or ckpt["config"].get("dit") is None:
             raise E.CheckpointError(f"{path}: not a DiT-stage checkpoint of train.py")
-        vae = ckpt["vae"] or E.load_file(ckpt["config"]["vae_path"])["vae"]
+        vae = ckpt["vae"]  # None in a DiT stage's: its config names the VAE file, maybe in the released format
+        if vae is None:
+            cfg = E.config_from_dict(E.VAEConfig, ckpt["config"]["vae"])
+            vae = load_vae(ckpt["config"]["vae_path"], cfg)[0].state_dict()
     except E.CheckpointError as e:
         raise ValueError(str(e)) from None
     half = lambda state: {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
@@ -374,28 +377,40 @@ def read_manifest(path, data_root=None, split=None, min_clap=0.0, captions=False
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such manifest")
-    if path.suffix in (".jsonl", ".json"):
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            try:
-                rows += [json.loads(line)] if line.strip() else []
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}:{n}: not JSON; a JSON Lines manifest holds one object a line") from None
-    else:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets start with a byte-order mark
-            rows = list(csv.DictReader(f))
+    try:
+        if path.suffix in (".jsonl", ".json"):
+            rows = []
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                try:
+                    rows += [json.loads(line)] if line.strip() else []
+                except json.JSONDecodeError:
+                    rows.append(None)
+                if rows and not isinstance(rows[-1], dict):
+                    raise ValueError(f"{path}:{n}: not a JSON object; a JSON Lines manifest holds one a line")
+        else:
+            with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets start with a byte-order mark
+                rows = list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); save the manifest as UTF-8") from None
     if not rows:
         raise ValueError(f"{path}: the manifest has no rows")
     for column, needed in (("audio_path", True), ("caption", captions), ("clap_score", min_clap > 0)):
         if needed and any(column not in r for r in rows):
             hint = "; score it with `python data.py clap` or pass --min-clap 0" if column == "clap_score" else ""
             raise ValueError(f"{path}: the manifest has no {column} column{hint}")
+    empty = next((n for n, r in enumerate(rows, 1) if not isinstance(r["audio_path"], str) or not r["audio_path"]),
+                 None)
+    if empty:
+        raise ValueError(f"{path}: row {empty} has no audio_path")
     root = Path(data_root) if data_root else path.parent
     rows = [{**r, "path": str(root / r["audio_path"]), "row": n} for n, r in enumerate(rows, 1)]
     if split and any("split" in r for r in rows):
         rows = [r for r in rows if r.get("split") == split]
     if min_clap > 0:
-        rows = [r for r in rows if r["clap_score"] not in (None, "") and float(r["clap_score"]) >= min_clap]
+        try:
+            rows = [r for r in rows if r["clap_score"] not in (None, "") and float(r["clap_score"]) >= min_clap]
+        except ValueError as e:
+            raise ValueError(f"{path}: a clap_score is not a number ({e})") from None
     if not rows:
         raise ValueError(f"{path}: no rows left" + (f" of split {split!r}" if split else "")
                          + (f" with clap_score >= {min_clap}" if min_clap > 0 else ""))
@@ -581,6 +596,16 @@ def embedded_text_encoder(text_encoder):
     return text_encoder.state() if isinstance(text_encoder.tokenizer, ByT5Tokenizer) else None
 
 
+def fingerprint(state_dict):
+    """A short hash of a state_dict's tensors: a cache is not resumed with other weights under the same file name
+    (the README's recipes retrain runs/toy-vae/ckpt.pt in place)."""
+    h = hashlib.sha1()
+    for name, tensor in state_dict.items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def cache_key(row):
     return hashlib.sha1(f"{row['audio_path']}\0{row.get('caption') or ''}".encode()).hexdigest()[:20]
 
@@ -594,8 +619,13 @@ def stack_contexts(contexts):
 
 
 def save_atomic(obj, path):
+    """torch.save through a temporary file that reaches the disk before it replaces `path`: a crash, even of the
+    machine, leaves the old file or the new one, never part of one."""
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -616,7 +646,11 @@ class CachedClips(Clips):
         if not os.path.isfile(path):
             raise AudioError(f"{row['path']}: not in the cache {self.folder}; run `python data.py cache` on this "
                              "manifest (it resumes)")
-        item = torch.load(path, weights_only=True)
+        try:
+            item = torch.load(path, weights_only=True)
+        except Exception as e:  # a file cut short by a crash, say: skipped like a bad clip
+            raise AudioError(f"{path}: unreadable cache entry ({str(e).splitlines()[0][:120]}); delete it and run "
+                             "`python data.py cache` again") from None
         start = int(torch.randint(self.meta["frames"] - self.frames + 1, (), generator=generator))
         out = {k: item[k][:, start:start + self.frames].float() for k in ("mean", "std")}
         if item.get("context") is not None:
@@ -628,7 +662,13 @@ def read_cache_meta(folder):
     path = os.path.join(folder, "meta.pt")
     if not os.path.isfile(path):
         raise ValueError(f"{folder}: not a latent cache (no meta.pt); make one with `python data.py cache`")
-    return torch.load(path, weights_only=True)
+    try:
+        meta = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable ({str(e).splitlines()[0][:120]}); make the cache again") from None
+    if not isinstance(meta, dict) or meta.get("format") != "ezaudio-cache":
+        raise ValueError(f"{path}: not the meta.pt of a latent cache made by `python data.py cache`")
+    return meta
 
 
 def build_cache(rows, folder, vae, vae_path, text_encoder=None, text_encoder_name=None, seconds=10.0,
@@ -639,19 +679,22 @@ def build_cache(rows, folder, vae, vae_path, text_encoder=None, text_encoder_nam
     sr, hop = vae.cfg.sample_rate, vae.cfg.hop
     frames = max(1, round(seconds * sr / hop))
     meta = {"format": "ezaudio-cache", "vae_path": vae_path, "vae": asdict(vae.cfg), "frames": frames,
-            "text_encoder": text_encoder_name, "text_encoder_state": None, "empty": None}
+            "text_encoder": text_encoder_name, "text_encoder_state": None, "empty": None,
+            "weights": {"vae": fingerprint(vae.state_dict()), "text_encoder": text_encoder_name}}
     if text_encoder is not None:
         meta["text_encoder_state"] = embedded_text_encoder(text_encoder)
         meta["text_encoder"] = None if meta["text_encoder_state"] else text_encoder_name
+        if meta["text_encoder_state"]:  # hub T5s are known by name; an embedded one by its weights
+            meta["weights"]["text_encoder"] = fingerprint(meta["text_encoder_state"]["state_dict"])
         context, mask = text_encoder([""])
         meta["empty"] = context[0, : int(mask.sum())].to(dtype).cpu()
     os.makedirs(folder, exist_ok=True)
     if os.path.isfile(os.path.join(folder, "meta.pt")):
         old = read_cache_meta(folder)
-        same = ("vae_path", "vae", "frames", "text_encoder")
-        if any(old[k] != meta[k] for k in same):
-            raise ValueError(f"{folder} was made with other settings ({', '.join(f'{k}={old[k]}' for k in same)});"
-                             " pass another --out")
+        same = ("vae_path", "vae", "frames", "text_encoder", "weights")
+        if any(old.get(k) != meta[k] for k in same):
+            raise ValueError(f"{folder} was made with other settings or weights "
+                             f"({', '.join(f'{k}={old.get(k)}' for k in same)}); pass another --out")
     else:
         save_atomic(meta, os.path.join(folder, "meta.pt"))
     todo = [r for r in rows if not os.path.isfile(os.path.join(folder, cache_key(r) + ".pt"))]

@@ -140,7 +140,7 @@ class RotaryEmbedding(nn.Module):
         self._cache = {}
 
     def forward(self, length, device):
-        """cos and sin tables for positions 0..length-1, each (length, head_dim), in float32; cached per length.
+        """cos and sin tables for positions 0..length-1, each (length, head_dim), in float32; the last length's kept.
         RoPE is applied in float32 whatever the model's dtype, so one table serves float32, bf16 and fp16."""
         key = (length, str(device))
         if key not in self._cache:
@@ -741,13 +741,21 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, max_length=100):
         """A hub name ("google/flan-t5-xl", downloaded and cached on first use) or a local save_pretrained folder."""
-        from transformers import AutoTokenizer, T5EncoderModel
+        from transformers import AutoConfig, AutoTokenizer, T5EncoderModel
         try:
-            return cls(AutoTokenizer.from_pretrained(name_or_path), T5EncoderModel.from_pretrained(name_or_path),
-                       max_length)
-        except OSError as e:
+            kind = AutoConfig.from_pretrained(name_or_path).model_type
+            if kind not in ("t5", "mt5"):  # another model would load no weights and encode with random ones
+                raise CheckpointError(f"{name_or_path!r} is a {kind} model, not a T5; EzAudio's text encoder is "
+                                      "FLAN-T5 (e.g. google/flan-t5-xl)")
+            model, info = T5EncoderModel.from_pretrained(name_or_path, output_loading_info=True)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot load the text encoder {name_or_path!r} ({str(e).splitlines()[0][:160]}); "
                                   "connect once to download it, or pass a local folder with --text-encoder") from None
+        if info["missing_keys"]:
+            raise CheckpointError(f"the text encoder {name_or_path!r} lacks {len(info['missing_keys'])} of its "
+                                  f"weights (e.g. {info['missing_keys'][0]})")
+        return cls(tokenizer, model, max_length)
 
     @classmethod
     def from_state(cls, state):

@@ -157,6 +157,8 @@ def settings(argv=None):
             if not run_dir:
                 fail("--resume needs the --run-dir to continue")
             saved = E.load_file(path)
+            if not E.is_project_checkpoint(saved):
+                fail(f"{path} was not written by train.py, so there is no run to resume")
             if stage and stage != str(saved["stage"]):
                 fail(f"{path} is a stage-{saved['stage']} run, not stage {stage}")
             stage = str(saved["stage"])
@@ -171,6 +173,8 @@ def settings(argv=None):
                  f"(e.g. runs/stage{int(stage) - 1}/ckpt.pt), or --init-from scratch to start from random weights")
         if init_from not in (None, "scratch") and not saved:
             init = E.load_file(init_from)
+            if not isinstance(init, dict):
+                fail(f"{init_from}: neither an EzAudio checkpoint nor one of this project's")
     except E.CheckpointError as e:
         fail(e)
     source = saved or init
@@ -489,7 +493,8 @@ def slug(text):
 
 @torch.no_grad()
 def write_samples(folder, dit, vae, text_encoder, prompts, frames, steps, amp):
-    """Preview clips for fixed prompts (unconditional in stage 1) with the paper's sampler settings."""
+    """Preview clips for fixed prompts (unconditional in stage 1): the paper's CFG, rescale and eta, and `steps`
+    DDIM steps (--sample-steps)."""
     device = next(dit.parameters()).device
     dit.eval()
     diffusion = E.Diffusion().to(device)

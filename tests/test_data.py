@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -92,6 +93,17 @@ def test_manifest_errors_are_one_line(tmp_path):
         data.read_manifest(path, min_clap=0.4)
     with pytest.raises(ValueError, match="no such manifest"):
         data.read_manifest(tmp_path / "nope.csv")
+    for name, text, message in [
+            ("short.csv", "caption,audio_path\na dog,a.wav\nrain\n", "row 2 has no audio_path"),
+            ("number.jsonl", '{"audio_path": "a.wav"}\n3\n', "number.jsonl:2: not a JSON object"),
+            ("broken.jsonl", '{"audio_path": "a.wav"\n', "broken.jsonl:1: not a JSON object"),
+            ("clap.csv", "audio_path,clap_score\na.wav,n/a\n", "a clap_score is not a number")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=message):
+            data.read_manifest(tmp_path / name, min_clap=0.4 if "clap" in name else 0)
+    (tmp_path / "latin1.csv").write_bytes("audio_path,caption\na.wav,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.csv: not UTF-8 text"):
+        data.read_manifest(tmp_path / "latin1.csv")
 
 
 def test_check_lists_and_counts_bad_rows(clips, capsys):
@@ -200,6 +212,12 @@ def test_cache_resumes_and_training_sees_the_same_latents(clips, tmp_path, offic
     context, mask = t5([rows[0]["caption"]])
     n = int(mask.sum())
     torch.testing.assert_close(cached["context"][0], context[0, :n])
+    (out / (data.cache_key(rows[0]) + ".pt")).write_bytes(b"cut short")  # a corrupt entry is skipped like a bad clip
+    item = data.CachedClips(rows, str(out), frames)[0]
+    assert item["skipped"][0][0] == 1 and "unreadable cache entry" in item["skipped"][0][1]
+    (out / "meta.pt").write_bytes(b"cut short")
+    with pytest.raises(ValueError, match="meta.pt: unreadable"):
+        data.CachedClips(rows, str(out), frames)
 
 
 def test_cache_stores_the_toy_text_encoder_inside(clips, tmp_path, official_vae_ckpt):
@@ -219,12 +237,19 @@ def test_cache_stores_the_toy_text_encoder_inside(clips, tmp_path, official_vae_
 
 
 def test_cache_refuses_other_settings(clips, tmp_path, official_vae_ckpt):
-    out = tmp_path / "cache"
-    common = ["cache", "--manifest", str(clips), "--out", str(out), "--vae", str(official_vae_ckpt),
-              "--vae-config", "tiny", "--workers", "0", "--device", "cpu"]
-    data.main(common + ["--segment", "0.05"])
+    out, vae = tmp_path / "cache", tmp_path / "vae.pt"
+    shutil.copy(official_vae_ckpt, vae)
+    common = ["cache", "--manifest", str(clips), "--out", str(out), "--vae", str(vae), "--vae-config", "tiny",
+              "--workers", "0", "--device", "cpu", "--segment", "0.05"]
+    data.main(common)
     with pytest.raises(SystemExit, match="other settings"):
-        data.main(common + ["--segment", "0.1"])
+        data.main([*common, "--segment", "0.1"])
+    with pytest.raises(SystemExit, match="other settings"):  # the toy's T5 where there was none
+        data.main([*common, "--text-encoder", "toy"])
+    ckpt = torch.load(vae, weights_only=True)  # the VAE retrained in place: same file name, other weights
+    torch.save({"state_dict": {k: v + 1e-3 for k, v in ckpt["state_dict"].items()}}, vae)
+    with pytest.raises(SystemExit, match="other settings or weights"):
+        data.main(common)
 
 
 # -----------------------------------------------------------------------------

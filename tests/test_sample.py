@@ -13,6 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
+from transformers import BertConfig
 
 import ezaudio as E
 import sample
@@ -271,6 +272,8 @@ def bad_files(tmp_path, dit_yaml, official_vae_ckpt):
     (tmp_path / "text.wav").write_text("hello")
     sf.write(tmp_path / "clip.wav", np.zeros(2400), SR)
     sf.write(tmp_path / "empty.wav", np.zeros(0), SR)
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        tmp_path / "bert")
     config = yaml.safe_load(dit_yaml.read_text())
     config["model"]["depth"] = 6
     (tmp_path / "deeper.yml").write_text(yaml.safe_dump(config))
@@ -285,6 +288,7 @@ BAD = [  # (flags replacing or adding to the tiny models' flags, what the messag
     (["--dit-config", None], "needs its config (--dit-config)"),
     (["--vae-config", "{tmp}/missing.json"], "cannot read it"),
     (["--text-encoder", "{tmp}/no_t5"], "cannot load the text encoder"),
+    (["--text-encoder", "{tmp}/bert"], "is a bert model, not a T5"),
     (["--model", "s3_xxl"], "invalid choice: 's3_xxl'"),
     (["--duration", "0"], "--duration must be > 0"),
     (["--duration", "-1"], "--duration must be > 0"),

@@ -164,6 +164,12 @@ def test_toy_pack_makes_one_half_precision_file_that_samples(tmp_path):
     assert torch.isfinite(audio).all()
     with pytest.raises(SystemExit, match="error: .*not a DiT-stage checkpoint"):
         D.main(["toy-pack", "--ckpt", str(tmp_path / "vae.pt"), "--out", str(tmp_path / "x.pt")])
+    # the same VAE in the released file layout, as a DiT stage trained on the released VAE names it
+    torch.save({"state_dict": {"autoencoder." + k: v for k, v in vae.state_dict().items()}}, tmp_path / "rel.pt")
+    torch.save({**ckpt, "config": {**ckpt["config"], "vae_path": str(tmp_path / "rel.pt")}}, tmp_path / "c2.pt")
+    D.main(["toy-pack", "--ckpt", str(tmp_path / "c2.pt"), "--out", str(tmp_path / "packed2.pt")])
+    repacked = torch.load(tmp_path / "packed2.pt", weights_only=True)["vae"]
+    assert all(torch.equal(repacked[k], v) for k, v in packed["vae"].items())
 
 
 # The README's toy recipe, shortened to about 5 1/2 minutes on 2 cores. Its DiT stages differ from the README's to learn

@@ -91,6 +91,16 @@ def test_bad_settings_get_one_line(argv, message):
         train.settings([*argv, "--manifest", "m.csv"])
 
 
+def test_resume_and_init_from_of_foreign_files_get_one_line(tmp_path):
+    (tmp_path / "run").mkdir()
+    torch.save({"state_dict": {}}, tmp_path / "run" / "ckpt.pt")
+    with pytest.raises(SystemExit, match="^error: .*ckpt.pt was not written by train.py"):
+        train.settings(["--resume", "--run-dir", str(tmp_path / "run"), "--manifest", "m.csv"])
+    torch.save(torch.zeros(3), tmp_path / "t.pt")
+    with pytest.raises(SystemExit, match="^error: .*t.pt: neither an EzAudio checkpoint"):
+        train.settings(["--stage", "2", "--init-from", str(tmp_path / "t.pt"), "--manifest", "m.csv"])
+
+
 def test_a_failed_start_leaves_no_run_folder(clips, tmp_path, official_vae_ckpt):
     common = ["--stage", "1", "--config", "tiny", "--manifest", str(clips), "--vae", str(official_vae_ckpt),
               "--vae-config", "tiny", "--run-dir", str(tmp_path / "run"), *FAST]
