@@ -680,6 +680,12 @@ def train(args, saved, init, rank, world, device):
         vae_cfg, vae_path, dit, ema = vae.cfg, None, None, None
         models, base_lrs = ([vae, discriminator], [args.lr, args.disc_lr]) if discriminator else ([vae], [args.lr])
     else:
+        if meta and args.vae and os.path.abspath(args.vae) != meta["vae_path"]:  # the cached latents are its VAE's
+            fail(f"{args.cache} holds latents of the VAE {meta['vae_path']}, but this run's is {args.vae} (--vae, or "
+                 "--init-from's); make a cache with that VAE, or train on this cache with its own")
+        if meta and args.stage in ("2", "3") and args.text_encoder and args.text_encoder != meta["text_encoder"]:
+            fail(f"{args.cache} holds T5 outputs of {meta['text_encoder'] or 'an embedded encoder'}, but this "
+                 f"run's text encoder is {args.text_encoder}; make a cache with it, or train with the cache's own")
         vae_path = meta["vae_path"] if meta else args.vae
         if meta is None or preview:  # with a cache, the VAE only decodes previews
             try:

@@ -420,6 +420,12 @@ def test_a_cached_run_needs_neither_encoder(clips, tmp_path, stage1, official_va
     assert ckpt["config"]["vae_path"] == str(official_vae_ckpt)
     assert ckpt["text_encoder"] is not None and ckpt["config"]["dit"]["context_dim"] == 32
     assert log_lines(run)[-1]["line"].endswith("skipped 4 rows, 0 steps")  # not in the cache: skipped alike
+    other = ["--stage", "2", "--manifest", str(clips), "--cache", str(cache), "--init-from", str(stage1),
+             "--min-clap", "0", "--max-steps", "1", *FAST]
+    with pytest.raises(SystemExit, match="^error: .*holds latents of the VAE .*, but this run's is .*other.pt"):
+        train.main([*other, "--run-dir", str(tmp_path / "r2"), "--vae", str(tmp_path / "other.pt")])
+    with pytest.raises(SystemExit, match="^error: .*holds T5 outputs of .*, but this run's text encoder is t5-x"):
+        train.main([*other, "--run-dir", str(tmp_path / "r3"), "--text-encoder", "t5-x"])
 
 
 def test_non_finite_losses_are_skipped_and_counted_then_stop_the_run(stage1, clips, tmp_path, official_vae_ckpt,
