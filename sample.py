@@ -90,7 +90,8 @@ def parse_args(argv=None):
         (not 0 <= args.rescale <= 1, "--rescale must be 0 to 1"),
         (args.eta < 0, "--eta must be >= 0"),
         (args.num_samples < 1 or args.batch_size < 1, "--num-samples and --batch-size must be >= 1"),
-        (not 0 <= args.seed <= 2 ** 63 - args.num_samples, "--seed must be 0 to 2^63 - --num-samples"),
+        (not 0 <= args.seed <= 2 ** 63 - args.num_samples, "--seed must be 0 to 2^63 - 1, and so must the last "
+                                                              "sample's, --seed + --num-samples - 1"),
         (editing and (args.mask_start is None or args.mask_length is None),
          "--edit needs --mask-start and --mask-length"),
         (not editing and (args.mask_start, args.mask_length) != (None, None), "--mask-start and --mask-length "
