@@ -381,12 +381,15 @@ def read_manifest(path, data_root=None, split=None, min_clap=0.0, captions=False
         if path.suffix in (".jsonl", ".json"):
             rows = []
             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
                 try:
-                    rows += [json.loads(line)] if line.strip() else []
+                    row = json.loads(line)
                 except json.JSONDecodeError:
-                    rows.append(None)
-                if rows and not isinstance(rows[-1], dict):
+                    row = None
+                if not isinstance(row, dict):
                     raise ValueError(f"{path}:{n}: not a JSON object; a JSON Lines manifest holds one a line")
+                rows.append(row)
         else:
             with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets start with a byte-order mark
                 rows = list(csv.DictReader(f))
@@ -680,11 +683,11 @@ def build_cache(rows, folder, vae, vae_path, text_encoder=None, text_encoder_nam
     frames = max(1, round(seconds * sr / hop))
     meta = {"format": "ezaudio-cache", "vae_path": vae_path, "vae": asdict(vae.cfg), "frames": frames,
             "text_encoder": text_encoder_name, "text_encoder_state": None, "empty": None,
-            "weights": {"vae": fingerprint(vae.state_dict()), "text_encoder": text_encoder_name}}
+            "weights": {"vae": fingerprint(vae.state_dict()), "text_encoder": None}}
     if text_encoder is not None:
         meta["text_encoder_state"] = embedded_text_encoder(text_encoder)
         meta["text_encoder"] = None if meta["text_encoder_state"] else text_encoder_name
-        if meta["text_encoder_state"]:  # hub T5s are known by name; an embedded one by its weights
+        if meta["text_encoder_state"]:  # a hub T5 is known by its name; an embedded one by its weights
             meta["weights"]["text_encoder"] = fingerprint(meta["text_encoder_state"]["state_dict"])
         context, mask = text_encoder([""])
         meta["empty"] = context[0, : int(mask.sum())].to(dtype).cpu()
