@@ -130,7 +130,7 @@ def bench_train(args, device, dtype):
     dit = random_dit(cfg, device).train()
     dit.model.grad_checkpointing = args.grad_checkpointing
     diffusion = Diffusion().to(device)
-    optimizer = torch.optim.AdamW(dit.parameters(), lr=1e-4, weight_decay=0.01, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(dit.parameters(), lr=1e-4, weight_decay=0.01, fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if args.compile:
         dit.compile()
