@@ -600,8 +600,8 @@ def embedded_text_encoder(text_encoder):
 
 
 def fingerprint(state_dict):
-    """A short hash of a state_dict's tensors: a cache is not resumed with other weights under the same file name
-    (the README's recipes retrain runs/toy-vae/ckpt.pt in place)."""
+    """A short hash of a state_dict's names and bytes: a cache is not resumed with other weights under the same file
+    name (the README's recipes retrain runs/toy-vae/ckpt.pt in place), and DDP replicas that stayed in step agree."""
     h = hashlib.sha1()
     for name, tensor in state_dict.items():
         h.update(name.encode())

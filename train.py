@@ -16,7 +16,6 @@ Read top to bottom: 1. settings  2. distributed set-up  3. the VAE stage's losse
 import argparse
 import contextlib
 import copy
-import hashlib
 import math
 import os
 import random
@@ -244,14 +243,6 @@ def gather(obj, world):
     out = [None] * world
     dist.all_gather_object(out, obj)
     return out
-
-
-def fingerprint(module):
-    """A hash of every weight's bytes: replicas that stayed in step have the same one."""
-    h = hashlib.sha1()
-    for v in module.state_dict().values():
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -763,7 +754,7 @@ def train(args, saved, init, rank, world, device):
 
     def save():
         rngs = gather(rng_state(generator), world)
-        if world > 1 and len(set(gather(fingerprint(objective), world))) > 1:
+        if world > 1 and len(set(gather(data.fingerprint(objective.state_dict()), world))) > 1:
             fail(f"the {world} replicas' weights differ at step {step}; the run is broken, resume from the last "
                  "checkpoint")
         if not master:
