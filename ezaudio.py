@@ -1019,15 +1019,19 @@ class EzAudio:
             raise CheckpointError(f"{ckpt}: no text encoder is named; pass one with --text-encoder")
         return cls(dit, vae, text_encoder, device, dtype)
 
+    def guided(self, prompts, guidance):
+        """Whether these prompts are sampled with classifier-free guidance. As in the published pipeline, not an
+        all-empty batch and not guidance 0; nor guidance 1, which is the text alone; nor a model without text."""
+        return self.text_encoder is not None and any(prompts) and guidance not in (0, 1)
+
     def _sample(self, prompts, generators, negative, guidance, **kw):
-        """Latents for a batch of prompts, sample i drawing its noise from generators[i]. As in the published
-        pipeline, an all-empty batch, and guidance 0 or 1, sample without guidance."""
+        """Latents for a batch of prompts, sample i drawing its noise from generators[i]."""
         if self.text_encoder is None and any(prompts):
             raise ValueError('this model has no text conditioning (a stage-1 checkpoint); give the empty prompt ""')
         context = mask = neg_context = neg_mask = None
         if self.text_encoder is not None:
             context, mask = self.text_encoder(prompts)
-            if any(prompts) and guidance not in (0, 1):  # 1 is the text alone: no negative pass
+            if self.guided(prompts, guidance):
                 neg_context, neg_mask = self.text_encoder([negative] * len(prompts))
         with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
             return self.diffusion.sample(self.dit, context, mask, neg_context, neg_mask, guidance=guidance,

@@ -165,8 +165,8 @@ def main(argv=None):
         if args.compile:
             model.dit.compile()
         task = f"editing {args.edit}" if args.edit else f"{args.duration:g} s"
-        guided = args.cfg not in (0, 1) and any(args.prompts) and model.text_encoder is not None
-        guidance = f"CFG {args.cfg:g}, rescale {args.rescale:g}" if guided else "no guidance"
+        guidance = (f"CFG {args.cfg:g}, rescale {args.rescale:g}" if model.guided(args.prompts, args.cfg)
+                    else "no guidance")
         print(f"{args.ckpt or args.model} on {model.device} ({args.dtype}): {task}, {args.steps} steps, {guidance}, "
               f"eta {args.eta:g}")
         os.makedirs(args.out, exist_ok=True)
