@@ -865,7 +865,7 @@ MODELS = {  # the names --model takes: `hub_file`, a released DiT in HUB_REPO, w
     "s3_xl": dict(hub_file="ckpts/s3/ezaudio_s3_xl.pt", dit="XL", text_encoder="google/flan-t5-xl"),
     "s3_l": dict(hub_file="ckpts/s3/ezaudio_s3_l.pt", dit="L", text_encoder="google/flan-t5-large"),
     # the toy world's model (data.py), trained on a CPU by the README's recipe; `sampling` replaces the paper's
-    # defaults in sample.py: its clips are 2 s long, and guidance does not improve its scores (README)
+    # defaults in sample.py: its clips are 2 s long, and guidance costs it count (README)
     "toy": dict(file="assets/toy.pt", sampling=dict(duration=2.0, cfg=1.0)),
 }
 RELEASED_VAE = "ckpts/vae/1m.pt"

@@ -221,8 +221,8 @@ def test_the_shipped_toy_model_samples_offline(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_the_shipped_toy_model_still_hears_its_prompts():
-    """assets/toy.pt through today's sampling code hears its prompts about as well as the README says (pitch 99.4%,
-    count 95.0%, timbre 80.6%; on these 36 clips 100, 97.2 and 80.6%), so that a change that breaks loading or
+    """assets/toy.pt through today's sampling code hears its prompts about as well as the README says (pitch 100%,
+    count 95.6%, timbre 99.4%; on these 36 clips 100, 94.4 and 94.4%), so that a change that breaks loading or
     sampling cannot pass unnoticed."""
     model = E.EzAudio.from_pretrained("toy", device="cpu")
     tones = [c for c in D.TOY_CAPTIONS if D.parse_toy_caption(c)["kind"] == "tone"] * 2
@@ -230,5 +230,5 @@ def test_the_shipped_toy_model_still_hears_its_prompts():
                            seed=list(range(100, 100 + len(tones))))
     scores = D.score_toy((c, D.measure_toy(a.numpy())) for c, a in zip(tones, audio))
     accuracy = {p: c / n for p, (c, n) in scores.items()}
-    assert accuracy["pitch"] >= 0.9 and accuracy["count"] >= 0.85 and accuracy["timbre"] >= 0.7, \
+    assert accuracy["pitch"] >= 0.9 and accuracy["count"] >= 0.85 and accuracy["timbre"] >= 0.85, \
         D.format_toy_scores(scores)
