@@ -102,7 +102,7 @@ DIT_PRESETS = {
     "L": DiTConfig(dim=1024, depth=24, heads=16, sola_rank=32, sola_alpha=32, context_dim=1024),
     "XL": DiTConfig(dim=1152, depth=28, heads=16, sola_rank=36, sola_alpha=36, context_dim=2048),
     "tiny": DiTConfig(latent_dim=8, dim=64, depth=4, heads=4, sola_rank=4, sola_alpha=8, context_dim=32),
-    # the toy world (data.py), trained on a CPU; its text encoder is data.toy_text_encoder (width 64)
+    # the toy world (toy.py), trained on a CPU; its text encoder is toy_text_encoder (width 64)
     "toy": DiTConfig(latent_dim=16, dim=128, depth=4, heads=4, sola_rank=8, sola_alpha=8, context_dim=64),
 }
 VAE_PRESETS = {
@@ -778,6 +778,18 @@ class TextEncoder(nn.Module):
         return context, tokens.attention_mask.bool()
 
 
+def toy_text_encoder(seed=0):
+    """The toy world's text encoder (toy.py): a small random T5 over ByT5's bytes, frozen like FLAN-T5 in the
+    paper, so that it needs no download; train.py stores it inside the checkpoint."""
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    cfg = T5Config(vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                   feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = T5EncoderModel(cfg)
+    return TextEncoder(ByT5Tokenizer(), model, max_length=40)
+
+
 # -----------------------------------------------------------------------------
 # 8. Checkpoints: the released state_dicts, and this project's own files
 
@@ -864,7 +876,7 @@ MODELS = {  # the names --model takes: `hub_file`, a released DiT in HUB_REPO, w
     # or `file`, one of this project's checkpoints (which carry their configs), relative to this folder
     "s3_xl": dict(hub_file="ckpts/s3/ezaudio_s3_xl.pt", dit="XL", text_encoder="google/flan-t5-xl"),
     "s3_l": dict(hub_file="ckpts/s3/ezaudio_s3_l.pt", dit="L", text_encoder="google/flan-t5-large"),
-    # the toy world's model (data.py), trained on a CPU by the README's recipe; `sampling` replaces the paper's
+    # the toy world's model (toy.py), trained on a CPU by the README's recipe; `sampling` replaces the paper's
     # defaults in sample.py: its clips are 2 s long, and guidance costs it count (README)
     "toy": dict(file="assets/toy.pt", sampling=dict(duration=2.0, cfg=1.0)),
 }

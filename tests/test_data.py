@@ -233,7 +233,7 @@ def test_cache_stores_the_toy_text_encoder_inside(clips, tmp_path, official_vae_
     context, mask = toy([rows[0]["caption"]])
     cached = data.collate([data.CachedClips(rows, str(out), round(SEGMENT * SR / 8))[0]])
     torch.testing.assert_close(cached["context"][0], context[0, :int(mask.sum())])
-    torch.testing.assert_close(toy([rows[0]["caption"]])[0], data.toy_text_encoder()([rows[0]["caption"]])[0])
+    torch.testing.assert_close(toy([rows[0]["caption"]])[0], E.toy_text_encoder()([rows[0]["caption"]])[0])
 
 
 def test_cache_refuses_other_settings(clips, tmp_path, official_vae_ckpt):

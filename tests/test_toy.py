@@ -1,4 +1,4 @@
-"""The toy world (data.py): its captions, its clips, the scorer that reads the facts back, and its data set."""
+"""The toy world (toy.py): its captions, its clips, the scorer that reads the facts back, and its data set."""
 
 import csv
 from dataclasses import asdict
@@ -11,32 +11,33 @@ import torch
 import data as D
 import ezaudio as E
 import sample
+import toy as T
 import train
 
 
 def clip(facts, seed=0):
-    return D.render_toy(facts, np.random.default_rng(seed))
+    return T.render(facts, np.random.default_rng(seed))
 
 
 def test_the_21_canonical_captions():
-    assert len(D.TOY_CAPTIONS) == len(set(D.TOY_CAPTIONS)) == 21
+    assert len(T.CAPTIONS) == len(set(T.CAPTIONS)) == 21
     for caption in ("two high beeps", "one low buzz", "three middle buzzes", "one middle beep",
                     "a rising whistle", "a falling whistle", "a burst of noise"):
-        assert caption in D.TOY_CAPTIONS
+        assert caption in T.CAPTIONS
 
 
-@pytest.mark.parametrize("facts", D.TOY_CLASSES, ids=D.TOY_CAPTIONS)
+@pytest.mark.parametrize("facts", T.CLASSES, ids=T.CAPTIONS)
 def test_captions_and_paraphrases_state_the_facts(facts):
-    assert D.parse_toy_caption(D.toy_caption(facts)) == facts
+    assert T.parse_caption(T.canonical_caption(facts)) == facts
     rng = np.random.default_rng(0)
-    paraphrases = {D.toy_paraphrase(facts, rng) for _ in range(30)}
-    assert len(paraphrases) == len(D.TOY_PARAPHRASES[facts["kind"]])
-    assert all(D.parse_toy_caption(p) == facts for p in paraphrases)
+    paraphrases = {T.paraphrase(facts, rng) for _ in range(30)}
+    assert len(paraphrases) == len(T.PARAPHRASES[facts["kind"]])
+    assert all(T.parse_caption(p) == facts for p in paraphrases)
 
 
 def test_a_caption_that_names_no_toy_sound_states_nothing():
-    assert D.parse_toy_caption("a dog barks") is None
-    assert D.parse_toy_caption("high beeps") == {"kind": "tone", "count": None, "pitch": "high", "timbre": "beep"}
+    assert T.parse_caption("a dog barks") is None
+    assert T.parse_caption("high beeps") == {"kind": "tone", "count": None, "pitch": "high", "timbre": "beep"}
 
 
 def test_clips_follow_the_world_rules():
@@ -58,9 +59,9 @@ def test_clips_follow_the_world_rules():
 
 
 def test_the_scorer_hears_the_ground_truth():
-    pairs = [(D.toy_caption(f), D.measure_toy(clip(f, seed=i)))
-             for i in range(10) for f in D.TOY_CLASSES]  # 210 clips, every class 10 times
-    scores = D.score_toy(pairs)
+    pairs = [(T.canonical_caption(f), T.measure(clip(f, seed=i)))
+             for i in range(10) for f in T.CLASSES]  # 210 clips, every class 10 times
+    scores = T.score(pairs)
     assert {p: n for p, (_, n) in scores.items()} == {"kind": 210, "count": 180, "pitch": 180, "timbre": 180,
                                                       "direction": 20}
     assert all(c / n >= 0.99 for c, n in scores.values()), scores
@@ -68,46 +69,46 @@ def test_the_scorer_hears_the_ground_truth():
 
 def test_the_scorer_hears_through_a_noise_floor_and_a_dc_offset():
     rng = np.random.default_rng(1)
-    pairs = [(D.toy_caption(f), D.measure_toy(clip(f, i) + 0.05 * rng.standard_normal(32000) + 0.2))  # -20 dB
-             for i in range(3) for f in D.TOY_CLASSES]
-    assert all(c == n for c, n in D.score_toy(pairs).values())
+    pairs = [(T.canonical_caption(f), T.measure(clip(f, i) + 0.05 * rng.standard_normal(32000) + 0.2))  # -20 dB
+             for i in range(3) for f in T.CLASSES]
+    assert all(c == n for c, n in T.score(pairs).values())
 
 
 def test_the_scorer_catches_every_wrong_fact():
-    heard = D.measure_toy(clip({"kind": "tone", "count": 2, "pitch": "high", "timbre": "beep"}))
-    assert D.score_toy([("three low buzzes", heard)]) == {"kind": (1, 1), "count": (0, 1), "pitch": (0, 1),
+    heard = T.measure(clip({"kind": "tone", "count": 2, "pitch": "high", "timbre": "beep"}))
+    assert T.score([("three low buzzes", heard)]) == {"kind": (1, 1), "count": (0, 1), "pitch": (0, 1),
                                                           "timbre": (0, 1)}
-    assert D.score_toy([("a rising whistle", heard)]) == {"kind": (0, 1), "direction": (0, 1)}
-    falling = D.measure_toy(clip({"kind": "whistle", "direction": "falling"}))
-    assert D.score_toy([("a rising whistle", falling)]) == {"kind": (1, 1), "direction": (0, 1)}
-    assert D.measure_toy(np.zeros(32000)) == {"kind": None}
+    assert T.score([("a rising whistle", heard)]) == {"kind": (0, 1), "direction": (0, 1)}
+    falling = T.measure(clip({"kind": "whistle", "direction": "falling"}))
+    assert T.score([("a rising whistle", falling)]) == {"kind": (1, 1), "direction": (0, 1)}
+    assert T.measure(np.zeros(32000)) == {"kind": None}
 
 
 def test_degraded_captions_and_their_filter():
     rng = np.random.default_rng(0)
-    rows = [(f, *D.degrade_toy_caption(f, rng)) for _ in range(20) for f in D.TOY_CLASSES]
+    rows = [(f, *T.degrade_caption(f, rng)) for _ in range(20) for f in T.CLASSES]
     kept = [(f, caption) for f, caption, score in rows if score >= 0.40]
     assert 0.5 < len(kept) / len(rows) < 0.9
-    assert any(caption != D.toy_caption(f) for f, caption in kept)  # the filter leaves some words missing
+    assert any(caption != T.canonical_caption(f) for f, caption in kept)  # the filter leaves some words missing
     for f, caption in kept:  # but nothing false
-        said = D.parse_toy_caption(caption)
+        said = T.parse_caption(caption)
         assert all(v is None or v == f[k] for k, v in said.items()), caption
     removed = [(f, caption) for f, caption, score in rows if score < 0.40]
-    assert any(any(v is not None and v != f[k] for k, v in D.parse_toy_caption(c).items()) for f, c in removed)
+    assert any(any(v is not None and v != f[k] for k, v in T.parse_caption(c).items()) for f, c in removed)
 
 
 def test_toy_text_encoder_is_small_frozen_and_stored_whole():
-    enc = D.toy_text_encoder()
+    enc = E.toy_text_encoder()
     context, mask = enc(["two high beeps", "a burst of noise"])
     assert context.shape == (2, enc.max_length, enc.dim) and mask[0].sum() == len("two high beeps") + 1
     assert not any(p.requires_grad for p in enc.parameters())
-    torch.testing.assert_close(D.toy_text_encoder()(["two high beeps"])[0], context[:1])
+    torch.testing.assert_close(E.toy_text_encoder()(["two high beeps"])[0], context[:1])
     torch.testing.assert_close(E.TextEncoder.from_state(enc.state())(["two high beeps"])[0], context[:1])
     assert E.DIT_PRESETS["toy"].context_dim == enc.dim
 
 
 def test_toy_command_writes_a_world_that_scores_perfectly(tmp_path, capsys):
-    D.main(["toy", "--out", str(tmp_path), "--train", "42", "--test", "21"])
+    T.main(["make", "--out", str(tmp_path), "--train", "42", "--test", "21"])
     with open(tmp_path / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["split"] for r in rows] == ["train"] * 42 + ["test"] * 21
@@ -117,24 +118,60 @@ def test_toy_command_writes_a_world_that_scores_perfectly(tmp_path, capsys):
         stage2 = list(csv.DictReader(f))
     assert [r["audio_path"] for r in stage2] == [r["audio_path"] for r in rows[:42]]
     assert all(0 <= float(r["clap_score"]) <= 1 for r in stage2)
-    D.main(["toy-score", str(tmp_path), "--split", "test"])
+    T.main(["score", str(tmp_path), "--split", "test"])
     table = capsys.readouterr().out
     assert "kind           21    100.0%" in table and "count          18    100.0%" in table
     with pytest.raises(SystemExit, match="^error: a toy world needs 1 or more training clips"):
-        D.main(["toy", "--out", str(tmp_path / "none"), "--train", "0"])
+        T.main(["make", "--out", str(tmp_path / "none"), "--train", "0"])
     assert not (tmp_path / "none").exists()
 
 
 def test_toy_score_reads_captions_from_file_names(tmp_path, capsys):
-    for i, facts in enumerate(D.TOY_CLASSES[:2]):
-        sf.write(tmp_path / f"{D.toy_caption(facts).replace(' ', '_')}_{i}.wav", clip(facts), 16000)
-    D.main(["toy-score", str(tmp_path)])
+    for i, facts in enumerate(T.CLASSES[:2]):
+        sf.write(tmp_path / f"{T.canonical_caption(facts).replace(' ', '_')}_{i}.wav", clip(facts), 16000)
+    T.main(["score", str(tmp_path)])
     assert "pitch           2    100.0%" in capsys.readouterr().out
 
 
 def test_toy_score_of_an_empty_folder_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match="error: .*no clips to score"):
-        D.main(["toy-score", str(tmp_path)])
+        T.main(["score", str(tmp_path)])
+
+
+def read_png(path):
+    """(H, W, 3) uint8 of an 8-bit RGB PNG with filter 0 on every row, read back chunk by chunk."""
+    import zlib
+    data, chunks, i = path.read_bytes(), {}, 8
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    while i < len(data):
+        n, kind = int.from_bytes(data[i:i + 4], "big"), data[i + 4:i + 8]
+        body = data[i + 8:i + 8 + n]
+        assert int.from_bytes(data[i + 8 + n:i + 12 + n], "big") == zlib.crc32(kind + body)
+        chunks[kind] = chunks.get(kind, b"") + body
+        i += 12 + n
+    w, h = int.from_bytes(chunks[b"IHDR"][:4], "big"), int.from_bytes(chunks[b"IHDR"][4:8], "big")
+    assert chunks[b"IHDR"][8:10] == bytes([8, 2]) and b"IEND" in chunks
+    rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, 1 + 3 * w)
+    assert not rows[:, 0].any()
+    return rows[:, 1:].reshape(h, w, 3)
+
+
+def test_spectrogram_picture_is_a_png_whose_levels_are_absolute(tmp_path, capsys):
+    """Three clips in a grid of two columns; a clip played 40 dB quieter draws darker, so that near silence cannot
+    pass for a sound in the README's picture."""
+    loud = clip({"kind": "tone", "count": 2, "pitch": "high", "timbre": "beep"})
+    for name, audio in (("a.wav", loud), ("b.wav", loud / 100), ("c.wav", clip({"kind": "noise"}))):
+        sf.write(tmp_path / name, audio, 16000, subtype="FLOAT")
+    T.main(["spectrogram", str(tmp_path), "--out", str(tmp_path / "s.png"), "--columns", "2"])
+    assert capsys.readouterr().out.split() == ["a.wav", "b.wav", "c.wav"]
+    rgb = read_png(tmp_path / "s.png")
+    h, w = T.spectrogram(loud).shape
+    assert rgb.shape == (2 * h + 4, 2 * w + 4, 3)
+    assert (rgb[h:h + 4] == 255).all() and (rgb[h + 4:, w + 4:] == 255).all()  # the gap, and the empty cell
+    np.testing.assert_array_equal(rgb[:h, :w], T.colour(T.spectrogram(loud)))
+    assert rgb[:h, w + 4:].astype(int).sum() < 0.7 * rgb[:h, :w].astype(int).sum()
+    with pytest.raises(SystemExit, match="error: .*no WAVs to draw"):
+        T.main(["spectrogram", str(tmp_path / "s.png"), "--out", str(tmp_path / "t.png")])
 
 
 def test_toy_pack_makes_one_half_precision_file_that_samples(tmp_path):
@@ -142,16 +179,16 @@ def test_toy_pack_makes_one_half_precision_file_that_samples(tmp_path):
     vae = E.WaveformVAE(E.VAE_PRESETS["tiny"])
     torch.save({"format": "ezaudio", "stage": "vae", "step": 1, "config": {"dit": None, "vae": asdict(vae.cfg)},
                 "vae": vae.state_dict()}, tmp_path / "vae.pt")
-    cfg = E.DiTConfig(**{**asdict(E.DIT_PRESETS["tiny"]), "context_dim": D.toy_text_encoder().dim})
+    cfg = E.DiTConfig(**{**asdict(E.DIT_PRESETS["tiny"]), "context_dim": E.toy_text_encoder().dim})
     dit = E.EzAudioDiT(cfg).init_weights()
     ema = {k: v + 0.01 for k, v in dit.state_dict().items()}  # told apart from the raw weights
     ckpt = {"format": "ezaudio", "stage": 3, "step": 7,
             "config": {"dit": asdict(cfg), "vae": asdict(vae.cfg), "vae_path": str(tmp_path / "vae.pt"),
                        "text_encoder": None, "train": {}},
-            "model": dit.state_dict(), "ema": ema, "vae": None, "text_encoder": D.toy_text_encoder().state(),
+            "model": dit.state_dict(), "ema": ema, "vae": None, "text_encoder": E.toy_text_encoder().state(),
             "optimizer": [{"state": {}}], "rng": [], "data": {}}
     torch.save(ckpt, tmp_path / "ckpt.pt")
-    D.main(["toy-pack", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "packed.pt")])
+    T.main(["pack", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "packed.pt")])
     packed = torch.load(tmp_path / "packed.pt", weights_only=True)
     assert "optimizer" not in packed and packed["config"]["vae_path"] is None
     assert all(v.dtype == torch.float16 for v in packed["model"].values() if v.is_floating_point())
@@ -163,11 +200,11 @@ def test_toy_pack_makes_one_half_precision_file_that_samples(tmp_path):
     assert audio.shape == (1, round(0.1 * vae.cfg.sample_rate / vae.cfg.hop) * vae.cfg.hop)
     assert torch.isfinite(audio).all()
     with pytest.raises(SystemExit, match="error: .*not a DiT-stage checkpoint"):
-        D.main(["toy-pack", "--ckpt", str(tmp_path / "vae.pt"), "--out", str(tmp_path / "x.pt")])
+        T.main(["pack", "--ckpt", str(tmp_path / "vae.pt"), "--out", str(tmp_path / "x.pt")])
     # the same VAE in the released file layout, as a DiT stage trained on the released VAE names it
     torch.save({"state_dict": {"autoencoder." + k: v for k, v in vae.state_dict().items()}}, tmp_path / "rel.pt")
     torch.save({**ckpt, "config": {**ckpt["config"], "vae_path": str(tmp_path / "rel.pt")}}, tmp_path / "c2.pt")
-    D.main(["toy-pack", "--ckpt", str(tmp_path / "c2.pt"), "--out", str(tmp_path / "packed2.pt")])
+    T.main(["pack", "--ckpt", str(tmp_path / "c2.pt"), "--out", str(tmp_path / "packed2.pt")])
     repacked = torch.load(tmp_path / "packed2.pt", weights_only=True)["vae"]
     assert all(torch.equal(repacked[k], v) for k, v in packed["vae"].items())
 
@@ -184,7 +221,7 @@ def test_a_reduced_toy_recipe_learns_pitch_and_count(tmp_path):
     of events their caption names far above chance (33%), so the VAE, the text conditioning and the sampler all
     work together."""
     world, runs = tmp_path / "world", tmp_path / "runs"
-    D.main(["toy", "--out", str(world), "--train", str(REDUCED["clips"]), "--test", "0"])
+    T.main(["make", "--out", str(world), "--train", str(REDUCED["clips"]), "--test", "0"])
     manifest = ["--manifest", str(world / "manifest.csv")]
     quiet = ["--workers", "1", "--sample-every", "0", "--log-every", "1000", "--device", "cpu"]
     train.main(["--stage", "vae", "--config", "toy", "--run-dir", str(runs / "vae"), "--disc-filters", "0",
@@ -202,12 +239,12 @@ def test_a_reduced_toy_recipe_learns_pitch_and_count(tmp_path):
     train.main(["--stage", "3", "--init-from", str(runs / "2" / "ckpt.pt"), "--run-dir", str(runs / "3"),
                 "--lr", "3e-4", "--warmup", "0", "--max-steps", str(REDUCED["stage3_steps"]), *dit])
     model = E.EzAudio.from_pretrained(ckpt=runs / "3" / "ckpt.pt", device="cpu")
-    tones = [c for c in D.TOY_CAPTIONS if D.parse_toy_caption(c)["kind"] == "tone"] * 2
+    tones = [c for c in T.CAPTIONS if T.parse_caption(c)["kind"] == "tone"] * 2
     audio = model.generate(tones, duration=2.0, steps=REDUCED["sample_steps"], guidance=1.0,
                            seed=list(range(len(tones))))
-    scores = D.score_toy((c, D.measure_toy(a.numpy())) for c, a in zip(tones, audio))
+    scores = T.score((c, T.measure(a.numpy())) for c, a in zip(tones, audio))
     assert scores["pitch"][0] / scores["pitch"][1] >= 0.8 and scores["count"][0] / scores["count"][1] >= 0.7, \
-        D.format_toy_scores(scores)
+        T.format_scores(scores)
 
 
 def test_the_shipped_toy_model_samples_offline(tmp_path, capsys):
@@ -225,10 +262,10 @@ def test_the_shipped_toy_model_still_hears_its_prompts():
     count 95.6%, timbre 99.4%; on these 36 clips 100, 94.4 and 94.4%), so that a change that breaks loading or
     sampling cannot pass unnoticed."""
     model = E.EzAudio.from_pretrained("toy", device="cpu")
-    tones = [c for c in D.TOY_CAPTIONS if D.parse_toy_caption(c)["kind"] == "tone"] * 2
+    tones = [c for c in T.CAPTIONS if T.parse_caption(c)["kind"] == "tone"] * 2
     audio = model.generate(tones, duration=2.0, steps=50, guidance=E.MODELS["toy"]["sampling"]["cfg"],
                            seed=list(range(100, 100 + len(tones))))
-    scores = D.score_toy((c, D.measure_toy(a.numpy())) for c, a in zip(tones, audio))
+    scores = T.score((c, T.measure(a.numpy())) for c, a in zip(tones, audio))
     accuracy = {p: c / n for p, (c, n) in scores.items()}
     assert accuracy["pitch"] >= 0.9 and accuracy["count"] >= 0.85 and accuracy["timbre"] >= 0.85, \
-        D.format_toy_scores(scores)
+        T.format_scores(scores)

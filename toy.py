@@ -1,0 +1,401 @@
+"""
+The toy world: captioned sounds that a CPU learns in minutes and a program can check (our shakespeare_char).
+
+EzAudio (arXiv 2409.10819) learns from millions of captioned clips; this world is small enough to train every stage
+on a laptop, and simple enough that `measure` can tell whether a generated clip fits its caption.
+
+    python toy.py make --out toy                   # 4200 training and 210 test clips with manifests
+    python toy.py score samples/                   # how well WAVs fit the captions in their names
+    python toy.py spectrogram samples/ --out toy.png
+    python toy.py pack --ckpt runs/toy3/ckpt.pt --out assets/toy.pt
+
+Read top to bottom: 1. facts and captions  2. rendering  3. the judge  4. the data set  5. pictures
+6. packing a trained model  7. the command line.
+"""
+
+import argparse
+import math
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+import ezaudio as E
+from data import AudioError, load_vae, read_audio, read_manifest, save_atomic, write_manifest
+
+
+# -----------------------------------------------------------------------------
+# 1. Facts and captions
+#
+# Clips of 2 s at 16 kHz, peak 0.5, silence between events, of 21 kinds: "{count} {pitch} {timbre}" tones
+# (one/two/three; low 220-280 Hz, middle 440-560 Hz, high 880-1120 Hz; beep = sine, buzz = band-limited
+# square), "a rising whistle" / "a falling whistle" (a sine glide between 300 and 1200 Hz) and "a burst of noise".
+# A sound is described by its facts, a dict: kind ("tone", "whistle", "noise"), and count, pitch, timbre for
+# tones or direction for whistles.
+
+SAMPLE_RATE, SECONDS, PEAK = 16000, 2.0, 0.5
+
+COUNTS = {"one": 1, "two": 2, "three": 3}
+
+PITCHES = {"low": (220.0, 280.0), "middle": (440.0, 560.0), "high": (880.0, 1120.0)}  # fundamental, Hz
+
+PLURALS = {"beep": "beeps", "buzz": "buzzes"}
+
+PROPERTIES = ("kind", "count", "pitch", "timbre", "direction")
+
+CLASSES = ([{"kind": "tone", "count": c, "pitch": p, "timbre": t}
+            for c in COUNTS.values() for p in PITCHES for t in PLURALS]
+           + [{"kind": "whistle", "direction": d} for d in ("rising", "falling")] + [{"kind": "noise"}])
+
+TIMES = {1: "once", 2: "twice", 3: "three times"}
+
+PARAPHRASES = {  # besides the canonical caption; {times} is once / twice / three times
+    "tone": ("{pitch} {timbre}, {times}", "a {pitch}-pitched {timbre} {times}", "{times}, a {pitch} {timbre}"),
+    "whistle": ("a whistle {goes}", "a {direction} whistling tone"),
+    "noise": ("a short noise burst", "white noise"),
+}
+
+
+def canonical_caption(facts):
+    """The canonical caption: "two high beeps", "one low buzz", "a rising whistle", "a burst of noise"."""
+    if facts["kind"] == "tone":
+        word = {v: k for k, v in COUNTS.items()}[facts["count"]]
+        timbre = facts["timbre"] if facts["count"] == 1 else PLURALS[facts["timbre"]]
+        return f"{word} {facts['pitch']} {timbre}"
+    return f"a {facts['direction']} whistle" if facts["kind"] == "whistle" else "a burst of noise"
+
+
+CAPTIONS = [canonical_caption(f) for f in CLASSES]
+
+
+def paraphrase(facts, rng):
+    """One of a few other phrasings of the same facts, picked by the numpy Generator `rng`."""
+    template = PARAPHRASES[facts["kind"]][rng.integers(len(PARAPHRASES[facts["kind"]]))]
+    return template.format(times=TIMES.get(facts.get("count")), pitch=facts.get("pitch"),
+                           timbre=facts.get("timbre"), direction=facts.get("direction"),
+                           goes="going up" if facts.get("direction") == "rising" else "going down")
+
+
+def parse_caption(caption):
+    """The facts a caption states (canonical or paraphrased), read from its words; None for a caption that
+    names no toy sound."""
+    words = set(caption.lower().replace("-", " ").replace("_", " ").replace(",", " ").split())
+    if "noise" in words:
+        return {"kind": "noise"}
+    if words & {"whistle", "whistling", "whistles"}:
+        rising, falling = words & {"rising", "up", "rises"}, words & {"falling", "down", "falls"}
+        return {"kind": "whistle", "direction": "rising" if rising else "falling" if falling else None}
+    if not words & {"beep", "beeps", "buzz", "buzzes", "tone", "tones"}:
+        return None
+    timbre = "beep" if words & {"beep", "beeps"} else "buzz" if words & {"buzz", "buzzes"} else None
+    count = next((n for w, n in {**COUNTS, "once": 1, "twice": 2}.items() if w in words), None)
+    pitch = next((p for p in PITCHES if p in words), None)
+    return {"kind": "tone", "count": count, "pitch": pitch, "timbre": timbre}
+
+
+# -----------------------------------------------------------------------------
+# 2. Rendering: facts to a clip
+
+def _fade(n, sr):
+    """A gain curve of n samples with 10 ms raised-cosine fades in and out."""
+    ramp = np.sin(np.linspace(0, np.pi / 2, int(0.01 * sr))) ** 2
+    gain = np.ones(n)
+    gain[: len(ramp)], gain[n - len(ramp):] = ramp, ramp[::-1]
+    return gain
+
+
+def _place(durations, gap, total, rng, margin=0.05):
+    """Random start times (s) for events of the given durations, in order, at least `gap` s apart, inside
+    [margin, total - margin]."""
+    slack = total - 2 * margin - sum(durations) - gap * (len(durations) - 1)
+    offsets = np.sort(rng.uniform(0, slack, len(durations)))
+    before = np.concatenate([[0.0], np.cumsum(np.asarray(durations[:-1]) + gap)])
+    return margin + offsets + before
+
+
+def render(facts, rng, sr=SAMPLE_RATE):
+    """One clip (T,) float32 of the sound the facts describe; all randomness comes from numpy Generator `rng`."""
+    audio = np.zeros(int(SECONDS * sr))
+    if facts["kind"] == "tone":
+        f0 = rng.uniform(*PITCHES[facts["pitch"]])
+        # a square wave is the odd harmonics at 1/k; only those below 7.2 kHz, so that nothing aliases
+        harmonics = np.arange(1, int(0.45 * sr / f0) + 1, 2) if facts["timbre"] == "buzz" else np.ones(1)
+        durations = list(rng.uniform(0.2, 0.3, facts["count"]))
+        events = []
+        for d in durations:
+            t = np.arange(int(d * sr)) / sr
+            events.append((np.sin(2 * np.pi * f0 * harmonics[:, None] * t) / harmonics[:, None]).sum(0))
+    elif facts["kind"] == "whistle":
+        d = rng.uniform(0.8, 1.5)
+        lo, hi = rng.uniform(300, 400), rng.uniform(900, 1200)
+        f_start, f_end = (lo, hi) if facts["direction"] == "rising" else (hi, lo)
+        t = np.arange(int(d * sr)) / sr
+        k = math.log(f_end / f_start) / d  # an exponential glide: f(t) = f_start e^(k t), phase its integral
+        durations, events = [d], [np.sin(2 * np.pi * f_start * np.expm1(k * t) / k)]
+    else:
+        d = rng.uniform(0.3, 1.0)
+        durations, events = [d], [rng.standard_normal(int(d * sr))]
+    for start, event in zip(_place(durations, 0.15, SECONDS, rng), events):
+        i = int(start * sr)
+        audio[i: i + len(event)] = event * _fade(len(event), sr)
+    return (audio * (PEAK / np.abs(audio).max())).astype(np.float32)
+
+
+# -----------------------------------------------------------------------------
+# 3. The judge: the facts a program hears in a clip
+
+def measure(audio, sr=SAMPLE_RATE):
+    """The facts a program hears in a clip (T,): events are runs of frames within 12 dB of the loudest frame;
+    noise is a flat spectrum; a whistle's pitch moves more than half an octave, a tone's does not; the pitch is
+    the strongest frequency; a buzz has odd harmonics within about 13 dB of its fundamental."""
+    audio = np.asarray(audio, dtype=np.float64)
+    n_fft, hop = 1024, sr // 100  # 64 ms windows, 10 ms hops
+    frames = np.lib.stride_tricks.sliding_window_view(np.pad(audio, n_fft // 2), n_fft)[::hop]
+    power = np.abs(np.fft.rfft(frames * np.hanning(n_fft), axis=-1)) ** 2  # (N, F)
+    freqs = np.fft.rfftfreq(n_fft, 1 / sr)
+    band = (freqs >= 100) & (freqs <= 7000)  # every toy sound lies here; a decoder's hum or DC offset does not
+    energy = power[:, band].sum(1)
+    if energy.max() <= 1e-10:
+        return {"kind": None}
+    active = energy > energy.max() * 10 ** -1.2
+    # events: runs of active frames, bridging dips under 50 ms and dropping blips under 40 ms
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], active.astype(int), [0]])))
+    runs = [[a, b] for a, b in zip(edges[::2], edges[1::2])]
+    merged = [runs[0]]
+    for a, b in runs[1:]:
+        if a - merged[-1][1] < 5:
+            merged[-1][1] = b
+        else:
+            merged.append([a, b])
+    events = [(a, b) for a, b in merged if b - a >= 4] or merged
+    p = power[active][:, band] + 1e-12
+    flatness = np.exp(np.log(p).mean(1)) / p.mean(1)
+    if np.median(flatness) > 0.05:
+        return {"kind": "noise"}
+    a, b = max(events, key=lambda e: e[1] - e[0])
+    voiced = (freqs >= 150) & (freqs <= 4000)
+    track = np.log2(freqs[voiced][power[a:b, voiced].argmax(1)])[2: max(3, b - a - 2)]  # edges smeared
+    quarter = max(1, len(track) // 4)
+    glide = np.median(track[-quarter:]) - np.median(track[:quarter])  # octaves
+    if abs(glide) > 0.5:
+        return {"kind": "whistle", "direction": "rising" if glide > 0 else "falling"}
+    spectrum = power[active].mean(0)
+    pitched = (freqs >= 150) & (freqs <= 2000)
+    f0 = freqs[pitched][spectrum[pitched].argmax()]
+    near = lambda f: spectrum[np.abs(freqs - f) <= max(2 * sr / n_fft, 0.03 * f)].sum()
+    odd = sum(near(k * f0) for k in (3, 5, 7, 9) if k * f0 < 0.47 * sr)
+    return {"kind": "tone", "count": len(events),
+            "pitch": "low" if f0 < 350 else "middle" if f0 < 700 else "high",
+            "timbre": "buzz" if odd > 0.05 * near(f0) else "beep"}
+
+
+def score(pairs):
+    """Per-property accuracy of (caption, measured facts) pairs: {property: (correct, total)}, each property
+    counted over the clips whose caption states it."""
+    tally = {p: [0, 0] for p in PROPERTIES}
+    for caption, heard in pairs:
+        for prop, value in (parse_caption(caption) or {}).items():
+            if value is not None:
+                tally[prop][0] += heard.get(prop) == value
+                tally[prop][1] += 1
+    return {p: tuple(v) for p, v in tally.items() if v[1]}
+
+
+def score_folder(folder, split=None):
+    """Score the WAVs of `folder`: captions from its manifest.csv (rows of `split` only, when given), or, without
+    one, from the file names ("two_high_beeps_s0.wav", as sample.py names them). Returns score's
+    {property: (correct, total)}."""
+    folder = Path(folder)
+    if (folder / "manifest.csv").is_file():
+        items = [(r["path"], r["caption"]) for r in read_manifest(folder / "manifest.csv", split=split, captions=True)]
+    else:
+        items = [(p, p.stem) for p in sorted(folder.glob("*.wav"))]
+    if not items:
+        raise ValueError(f"{folder}: no clips to score; give a folder of WAVs, with a manifest.csv or with "
+                         "captions as file names")
+    return score((caption, measure(read_audio(path, SAMPLE_RATE).numpy())) for path, caption in items)
+
+
+def format_scores(scores):
+    lines = [f"{'property':<10} {'clips':>6} {'accuracy':>9}"]
+    lines += [f"{p:<10} {n:>6} {100 * c / n:>8.1f}%" for p, (c, n) in scores.items()]
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# 4. The data set: a world of clips, with clean and degraded captions
+
+def degrade_caption(facts, rng):
+    """A stand-in for the paper's synthetic captions (stage 2): each stated fact is kept (75%), dropped (15%) or
+    swapped for a wrong value (10%). Returns the caption and a CLAP-like similarity, 0.15 + 0.5 (kept - 2 wrong) /
+    facts, give or take 0.05, so that the paper's filter at 0.40 keeps captions with at most one fact missing
+    (two of a tone's four, kind included, at the margin) and removes every caption that says something wrong."""
+    options = {"count": list(COUNTS.values()), "pitch": list(PITCHES), "timbre": list(PLURALS),
+               "direction": ["rising", "falling"]}
+    said, kept, wrong = dict(facts), 1, 0  # the kind is always named
+    for prop in [p for p in facts if p != "kind"]:
+        fate = rng.choice(3, p=[0.75, 0.15, 0.10])
+        if fate == 1:
+            said[prop] = None
+        elif fate == 2:
+            said[prop] = rng.choice([v for v in options[prop] if v != facts[prop]]).item()
+        kept, wrong = kept + (fate == 0), wrong + (fate == 2)
+    if facts["kind"] == "tone":
+        plural = said["count"] != 1
+        noun = {None: "tones" if plural else "tone", **(PLURALS if plural else {t: t for t in PLURALS})}
+        words = [{v: k for k, v in COUNTS.items()}.get(said["count"]), said["pitch"], noun[said["timbre"]]]
+        caption = " ".join(w for w in words if w)
+    elif facts["kind"] == "whistle":
+        caption = f"a {said['direction']} whistle" if said["direction"] else "a whistle"
+    else:
+        caption = canonical_caption(facts)
+    clap = 0.15 + 0.5 * (kept - 2 * wrong) / len(facts) + rng.uniform(-0.05, 0.05)
+    return caption, round(float(np.clip(clap, 0, 1)), 3)
+
+
+def make_world(out, n_train, n_test, seed=0, paraphrase_prob=0.3):
+    """Render the toy world into `out`: audio/{split}_{i}.wav (16-bit, 16 kHz), manifest.csv (audio_path, caption,
+    split; classes in turn, captions canonical or paraphrased) and stage2.csv (the train clips again, with
+    degraded captions and a clap_score column). Every clip depends only on (seed, split, index)."""
+    if n_train < 1 or n_test < 0:
+        raise ValueError(f"a toy world needs 1 or more training clips and 0 or more test clips, not {n_train} and "
+                         f"{n_test}")
+    os.makedirs(os.path.join(out, "audio"), exist_ok=True)
+    rows, stage2 = [], []
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in tqdm(range(n), desc=f"toy {split}", leave=False):
+            facts = CLASSES[i % len(CLASSES)]
+            rng = np.random.default_rng([seed, split == "test", i])
+            path = f"audio/{split}_{i:05d}.wav"
+            sf.write(os.path.join(out, path), render(facts, rng), SAMPLE_RATE, subtype="PCM_16")
+            caption = paraphrase(facts, rng) if rng.random() < paraphrase_prob else canonical_caption(facts)
+            rows.append({"audio_path": path, "caption": caption, "split": split})
+            if split == "train":
+                caption, clap = degrade_caption(facts, rng)
+                stage2.append({"audio_path": path, "caption": caption, "split": split, "clap_score": clap})
+    write_manifest(rows, os.path.join(out, "manifest.csv"))
+    write_manifest(stage2, os.path.join(out, "stage2.csv"))
+
+
+# -----------------------------------------------------------------------------
+# 5. Pictures: spectrograms of clips, as a PNG written with numpy and zlib
+#
+# Levels are absolute (0 dB: a sine at the world's peak), so that a quiet clip looks quiet.
+
+
+def spectrogram(audio, sr=SAMPLE_RATE, n_fft=512, hop=128, rows=96, f_min=60.0, floor_db=70.0):
+    """(rows, frames) brightness in [0, 1] of a clip (T,): power on a mel-spaced axis from `f_min` to Nyquist,
+    high frequencies in the top row, 0 at `floor_db` below a full-level sine."""
+    window = np.hanning(n_fft)
+    frames = np.lib.stride_tricks.sliding_window_view(np.pad(np.asarray(audio, np.float64), n_fft // 2), n_fft)
+    power = np.abs(np.fft.rfft(frames[::hop] * window, axis=-1)) ** 2  # (frames, F)
+    mel = lambda f: 2595 * np.log10(1 + f / 700)
+    centres = 700 * (10 ** (np.linspace(mel(f_min), mel(sr / 2), rows) / 2595) - 1)  # (rows,) Hz
+    power = np.stack([np.interp(centres, np.fft.rfftfreq(n_fft, 1 / sr), p) for p in power], 1)  # (rows, frames)
+    level = 10 * np.log10(power / (PEAK * window.sum() / 2) ** 2 + 1e-12)
+    return np.clip(1 + level / floor_db, 0, 1)[::-1]
+
+
+def colour(brightness):
+    """(H, W) in [0, 1] -> (H, W, 3) uint8, from black through purple and orange to pale yellow."""
+    anchors = np.array([[0, 0, 4], [80, 18, 123], [182, 54, 121], [251, 136, 97], [252, 253, 191]], float)
+    x = brightness * (len(anchors) - 1)
+    i = np.minimum(x.astype(int), len(anchors) - 2)
+    return (anchors[i] + (x - i)[..., None] * (anchors[i + 1] - anchors[i])).astype(np.uint8)
+
+
+def write_png(path, rgb):
+    """An RGB image (H, W, 3) uint8 as a PNG file: the signature, then the IHDR (size, 8-bit RGB), IDAT (rows led
+    by filter byte 0, deflated) and IEND chunks, each framed by its length and CRC-32."""
+    h, w, _ = rgb.shape
+    chunk = lambda kind, data: (len(data).to_bytes(4, "big") + kind + data
+                                + zlib.crc32(kind + data).to_bytes(4, "big"))
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, 3 * w)], 1)
+    header = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9))
+                + chunk(b"IEND", b""))
+
+
+def spectrogram_folder(folder, out, columns=3, gap=4):
+    """The WAVs of `folder`, sorted by name, as a grid of spectrograms in one PNG (`columns` wide, white between
+    them). Returns their names in the grid's order, left to right and top to bottom."""
+    paths = sorted(Path(folder).glob("*.wav"))
+    if not paths:
+        raise ValueError(f"{folder}: no WAVs to draw")
+    pictures = [spectrogram(read_audio(p, SAMPLE_RATE).numpy()) for p in paths]
+    h, w = pictures[0].shape[0], max(p.shape[1] for p in pictures)
+    grid_rows = math.ceil(len(pictures) / columns)
+    canvas = np.full((grid_rows * (h + gap) - gap, min(columns, len(pictures)) * (w + gap) - gap), np.nan)
+    for k, picture in enumerate(pictures):
+        r, c = divmod(k, columns)
+        canvas[r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + picture.shape[1]] = picture
+    rgb = colour(np.nan_to_num(canvas))
+    rgb[np.isnan(canvas)] = 255
+    write_png(out, rgb)
+    return [p.name for p in paths]
+
+
+# -----------------------------------------------------------------------------
+# 6. Packing a trained model into one small file
+
+def pack(path, out):
+    """One file that samples with no other: a DiT-stage checkpoint's DiT (its EMA when it kept one), the VAE that
+    its config names and its embedded text encoder, in half precision, without the training state. This is how
+    assets/toy.pt was made; loading casts the weights back to float32."""
+    try:
+        ckpt = E.load_file(path)
+        if not E.is_project_checkpoint(ckpt) or ckpt["config"].get("dit") is None:
+            raise E.CheckpointError(f"{path}: not a DiT-stage checkpoint of train.py")
+        vae = ckpt["vae"]  # None in a DiT stage's: its config names the VAE file, maybe in the released format
+        if vae is None:
+            cfg = E.config_from_dict(E.VAEConfig, ckpt["config"]["vae"])
+            vae = load_vae(ckpt["config"]["vae_path"], cfg)[0].state_dict()
+    except E.CheckpointError as e:
+        raise ValueError(str(e)) from None
+    half = lambda state: {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    text = ckpt["text_encoder"] and {**ckpt["text_encoder"], "state_dict": half(ckpt["text_encoder"]["state_dict"])}
+    save_atomic({"format": "ezaudio", "stage": ckpt["stage"], "step": ckpt["step"],
+                 "config": {**ckpt["config"], "vae_path": None}, "model": half(ckpt["ema"] or ckpt["model"]),
+                 "ema": None, "vae": half(vae), "text_encoder": text}, out)
+
+
+# -----------------------------------------------------------------------------
+# 7. Command line: python toy.py {make,score,spectrogram,pack} ...
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     epilog=__doc__.split("\n\n")[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("make", help="write the toy world: WAVs, manifest.csv and stage2.csv")
+    p.add_argument("--out", required=True, help="folder to write into")
+    p.add_argument("--train", type=int, default=4200, help="number of training clips (classes take turns)")
+    p.add_argument("--test", type=int, default=210, help="number of test clips")
+    p.add_argument("--seed", type=int, default=0, help="seed of the world: the same seed writes the same clips")
+    p.set_defaults(run=lambda a: make_world(a.out, a.train, a.test, a.seed))
+    p = sub.add_parser("score", help="measure clips and print per-property accuracy against their captions")
+    p.add_argument("folder", help="folder of WAVs with a manifest.csv, or with captions as file names")
+    p.add_argument("--split", default=None, help="score only the manifest rows of this split (e.g. test)")
+    p.set_defaults(run=lambda a: print(format_scores(score_folder(a.folder, a.split))))
+    p = sub.add_parser("spectrogram", help="draw the WAVs of a folder as spectrograms in one PNG")
+    p.add_argument("folder", help="folder of WAVs, drawn in the order of their names")
+    p.add_argument("--out", required=True, help="PNG file to write (e.g. assets/toy.png)")
+    p.add_argument("--columns", type=int, default=3, help="spectrograms per row (default: 3)")
+    p.set_defaults(run=lambda a: print("\n".join(spectrogram_folder(a.folder, a.out, a.columns))))
+    p = sub.add_parser("pack", help="pack a trained checkpoint, its VAE and text encoder into one fp16 file")
+    p.add_argument("--ckpt", required=True, help="checkpoint of a DiT stage (e.g. runs/toy3/ckpt.pt)")
+    p.add_argument("--out", required=True, help="file to write (e.g. assets/toy.pt)")
+    p.set_defaults(run=lambda a: pack(a.ckpt, a.out))
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (AudioError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
