@@ -593,9 +593,9 @@ class StopSignal:
             signal.signal(s, handler)
 
 
-def micro_batches(dataset, position, args, rank, world, pin):
+def micro_batches(dataset, position, args, rank, world, pin, skipped):
     """Batches, epoch after epoch. `position` (epoch, batches taken in it) stays current, so that a checkpoint
-    resumes mid-epoch at the very next batch."""
+    resumes mid-epoch at the very next batch; `skipped` gathers the unusable rows met, {row: why}."""
     while True:
         dataset.set_epoch(position["epoch"])
         sampler = data.ShardSampler(len(dataset), rank, world, args.seed, position["epoch"],
@@ -604,12 +604,312 @@ def micro_batches(dataset, position, args, rank, world, pin):
                                              num_workers=args.workers, collate_fn=data.collate, pin_memory=pin)
         for batch in loader:
             position["batch"] += 1
+            skipped.update(batch["skipped"])
             yield batch
         position.update(epoch=position["epoch"] + 1, batch=0)
 
 
 # -----------------------------------------------------------------------------
-# 6. The training loop
+# 6. The two kinds of stage
+#
+# The VAE stage trains the VAE (and its critic) on audio; a DiT stage trains the DiT on the latents of a frozen VAE,
+# with a frozen text encoder from stage 2 on. The loop sees both alike: an `objective` whose forward gives (loss,
+# parts) for `inputs(batch)`, the `models` it optimises at their `lrs`, `weights()` for the checkpoint, `load()` to
+# resume, and `preview()` to write clips now and then.
+
+
+def read_data(args):
+    """The manifest's rows (with captions in stages 2 and 3) and the cache's meta.pt, or None without --cache."""
+    try:
+        meta = data.read_cache_meta(args.cache) if args.cache else None
+        rows = data.read_manifest(args.manifest, args.data_root, args.split, args.min_clap,
+                                  captions=args.stage in ("2", "3"))
+    except ValueError as e:
+        fail(e)
+    if args.stage == "vae" and meta:
+        fail("the VAE stage trains on audio; leave out --cache")
+    if args.stage in ("2", "3") and meta and meta["empty"] is None:
+        fail(f"{args.cache} holds no T5 outputs; make it with `python data.py cache --text-encoder ...`")
+    return rows, meta
+
+
+def vae_preset(args):
+    return E.VAE_PRESETS[args.vae_config or (args.config if args.config in E.VAE_PRESETS else "released")]
+
+
+class VAEStage:
+    """The waveform VAE and, unless --disc-filters 0, its multi-scale STFT critic (SPEC §3), on audio."""
+
+    def __init__(self, args, saved, init, device):
+        try:  # a resumed run keeps its own shape (from --init-from, maybe, not --config); its weights load later
+            self.vae = (E.WaveformVAE(E.config_from_dict(E.VAEConfig, saved["config"]["vae"])) if saved
+                        else E.vae_from_checkpoint(init, vae_preset(args), args.init_from) if init is not None
+                        else E.WaveformVAE(vae_preset(args)))
+        except (E.CheckpointError, KeyError) as e:
+            fail(e)
+        self.vae_cfg = self.vae.cfg
+        self.discriminator = MultiScaleSTFTDiscriminator(args.disc_filters) if args.disc_filters > 0 else None
+        self.objective = VAEObjective(self.vae, self.discriminator, args.wave_weight, args.stft_floor,
+                                      args.a_weighting).to(device)
+        self.models, self.lrs = [self.vae], [args.lr]
+        if self.discriminator:
+            self.models, self.lrs = [self.vae, self.discriminator], [args.lr, args.disc_lr]
+        self.clips = None  # the clips that previews reconstruct, the same ones all run long
+
+    def inputs(self, batch, generator, device):
+        return batch["audio"].to(device, non_blocking=True), generator
+
+    def after_step(self):
+        pass
+
+    def weights(self):
+        return {"config": {"dit": None, "vae": asdict(self.vae_cfg), "vae_path": None, "text_encoder": None},
+                "model": None, "ema": None, "vae": self.vae.state_dict(),
+                "discriminator": self.discriminator.state_dict() if self.discriminator else None,
+                "text_encoder": None}
+
+    def load(self, saved, name):
+        for key, m in zip(("vae", "discriminator"), self.models):
+            if saved[key] is None:
+                raise E.CheckpointError(f"{name} holds no {key}")
+            E.load_weights(m, saved[key], name)
+
+    def preview(self, folder, dataset, args, autocast):
+        if self.clips is None:
+            self.clips = data.collate([dataset[i] for i in range(min(4, len(dataset)))])["audio"]
+        write_reconstructions(folder, self.vae, self.clips.to(next(self.vae.parameters()).device))
+
+
+class DiTStage:
+    """EzAudio-DiT on the latents of a frozen VAE (from the cache, or encoded as it goes), with the captions' T5
+    outputs in stages 2 and 3; an EMA of its weights with --ema. Without previews, a cached run loads neither the VAE
+    nor the text encoder."""
+
+    def __init__(self, args, saved, init, meta, preview, device):
+        if meta and args.vae and os.path.abspath(args.vae) != meta["vae_path"]:  # the cached latents are its VAE's
+            fail(f"{args.cache} holds latents of the VAE {meta['vae_path']}, but this run's is {args.vae} (--vae, or "
+                 "--init-from's); make a cache with that VAE, or train on this cache with its own")
+        if meta and args.stage in ("2", "3") and args.text_encoder and args.text_encoder != meta["text_encoder"]:
+            fail(f"{args.cache} holds T5 outputs of {meta['text_encoder'] or 'an embedded encoder'}, but this "
+                 f"run's text encoder is {args.text_encoder}; make a cache with it, or train with the cache's own")
+        self.vae = self.text_encoder = self.text_name = self.text_state = None
+        self.vae_path = meta["vae_path"] if meta else args.vae
+        if meta is None or preview:  # with a cache, the VAE only decodes previews
+            try:
+                self.vae, self.vae_path = data.load_vae(self.vae_path, E.config_from_dict(E.VAEConfig, meta["vae"])
+                                                        if meta else vae_preset(args))
+            except (E.CheckpointError, ValueError) as e:
+                fail(e)
+            self.vae = self.vae.to(device)
+        self.vae_cfg = self.vae.cfg if self.vae is not None else E.config_from_dict(E.VAEConfig, meta["vae"])
+        context_dim = 0
+        if args.stage in ("2", "3"):
+            source = saved or (init if E.is_project_checkpoint(init) else None)
+            self.text_name, self.text_state = ((meta["text_encoder"], meta["text_encoder_state"]) if meta
+                                               else text_encoder_source(args, source))
+            if meta is None or preview:  # with a cache, the text encoder only prompts previews
+                self.text_encoder, self.text_name, self.text_state = load_text_encoder(self.text_name, self.text_state)
+                self.text_encoder = self.text_encoder.to(device)
+            context_dim = self.text_encoder.dim if self.text_encoder is not None else meta["empty"].shape[-1]
+        self.dit = build_dit(args, context_dim, init, saved)
+        if self.dit.cfg.latent_dim != self.vae_cfg.latent_dim:
+            fail(f"the VAE's latent_dim {self.vae_cfg.latent_dim} does not match the DiT's {self.dit.cfg.latent_dim}; "
+                 "pass the matching --vae (and --vae-config)")
+        self.objective = DiffusionObjective(self.dit, args.min_timestep).to(device)
+        self.ema = EMA(self.dit, args.ema) if args.ema > 0 else None
+        self.models, self.lrs = [self.dit], [args.lr]
+        self.empty = meta["empty"].float() if meta and meta["empty"] is not None else None
+        self.text_dropout = args.text_dropout
+
+    def inputs(self, batch, generator, device):
+        """x0 (B, C, L) sampled from each clip's posterior, and the captions' context (B, Lc, D) and mask."""
+        mean, std = posterior(batch, self.vae, device)
+        x0 = mean + std * torch.randn(mean.shape, generator=generator, device=device)
+        context = mask = None
+        if self.dit.cfg.context_dim:
+            context, mask = text_condition(batch, self.text_encoder, self.empty, self.text_dropout, generator, device)
+        return x0, context, mask, generator
+
+    def after_step(self):
+        if self.ema:
+            self.ema.update(self.dit)
+
+    def weights(self):
+        return {"config": {"dit": asdict(self.dit.cfg), "vae": asdict(self.vae_cfg), "vae_path": self.vae_path,
+                           "text_encoder": self.text_name},
+                "model": self.dit.state_dict(), "ema": self.ema.model.state_dict() if self.ema else None,
+                "vae": None, "discriminator": None, "text_encoder": self.text_state}
+
+    def load(self, saved, name):
+        E.load_weights(self.dit, saved["model"], name)
+        if self.ema:
+            E.load_weights(self.ema.model, saved["ema"] or saved["model"], name)
+
+    def preview(self, folder, dataset, args, autocast):
+        write_samples(folder, self.ema.model if self.ema else self.dit, self.vae, self.text_encoder,
+                      args.sample_prompts, dataset.frames, args.sample_steps, autocast())
+
+
+def load_dataset(args, rows, meta, vae_cfg, world):
+    """Examples of `--segment` seconds: cached posteriors, or audio clips; `frames` latent frames each."""
+    frames = max(1, round(args.segment * vae_cfg.sample_rate / vae_cfg.hop))
+    shortest = STFT_RESOLUTIONS[0][0] // 2 + 1  # the spectral loss pads its longest window by half, by reflection
+    if args.stage == "vae" and frames * vae_cfg.hop < shortest:
+        fail(f"--segment {args.segment:g} is too short for the VAE stage's spectral loss: it needs "
+             f"{shortest / vae_cfg.sample_rate:.3f} s ({shortest} samples) or more")
+    try:
+        dataset = (data.CachedClips(rows, args.cache, frames, args.seed) if meta else
+                   data.AudioClips(rows, vae_cfg.sample_rate, frames * vae_cfg.hop, args.seed, args.flip))
+    except ValueError as e:
+        fail(e)
+    if math.ceil(len(dataset) / world) < args.batch_size:
+        fail(f"{len(dataset)} clips are fewer than --batch-size {args.batch_size} per process x {world} processes")
+    dataset.frames = frames
+    return dataset
+
+
+# -----------------------------------------------------------------------------
+# 7. The training loop: precision, resume, one step, the log line, checkpoints
+
+
+def precision(dtype, device):
+    """(autocast factory, GradScaler) for --dtype: auto is bf16 on GPUs that have it, else fp16, and fp32 on CPUs.
+    Only fp16 scales its loss: its range is too narrow for small gradients."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(dtype)
+    if dtype == "auto":
+        amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    return autocast, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), amp_dtype
+
+
+def resume(stage, optimizers, scaler, generator, saved, args, rank, world, log):
+    """Weights, optimiser, loss scale, random states and data position exactly as they were saved. Returns (step,
+    position)."""
+    name = f"{args.run_dir}/ckpt.pt"
+    try:
+        stage.load(saved, name)
+    except E.CheckpointError as e:
+        fail(f"{e}; resume with the run's own model flags")
+    for opt, state in zip(optimizers, saved["optimizer"]):
+        opt.load_state_dict(state)
+    if saved["scaler"]:  # empty when the run did not scale its loss (fp32, bf16)
+        scaler.load_state_dict(saved["scaler"])
+    position = dict(saved["data"])
+    if rank < len(saved["rng"]):
+        set_rng_state(saved["rng"][rank], generator)
+    if (position.pop("world_size"), position.pop("batch_size")) != (world, args.batch_size):
+        log(f"warning: resumed with another number of processes or --batch-size; the data order restarts "
+            f"at the beginning of epoch {position['epoch']}")
+        position["batch"] = 0
+    return saved["step"], position
+
+
+def train_step(model, stage, optimizers, scaler, batches, autocast, args, generator, device, world, stop):
+    """One optimiser step: --accum micro-batches forward and backward (DDP averages the gradients on the last one
+    only), one all-reduce of the losses and of whether any process was told to stop, then clipping, the optimisers
+    and the EMA, all skipped when the loss is not finite. Returns (mean losses, gradient norm, finite, stopping)."""
+    sums = {}
+    for micro in range(args.accum):
+        try:
+            batch = next(batches)
+        except data.AudioError:
+            fail(f"no row of {args.manifest} can be loaded; see `python data.py check --manifest {args.manifest}`")
+        last = micro == args.accum - 1
+        with (model.no_sync() if world > 1 and not last else contextlib.nullcontext()), autocast():
+            loss, parts = model(*stage.inputs(batch, generator, device))
+        scaler.scale(loss / args.accum).backward()
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v.float() / args.accum
+    names = list(sums)
+    shared = torch.stack([sums[k] for k in names] + [torch.tensor(float(stop.received is not None), device=device)])
+    if world > 1:
+        dist.all_reduce(shared)
+        shared[:-1] /= world
+    shared = shared.cpu()
+    values = dict(zip(names, shared[:-1].tolist()))
+    finite, grad = all(math.isfinite(v) for v in values.values()), float("nan")
+    if finite:
+        for i, opt in enumerate(optimizers):
+            scaler.unscale_(opt)
+            params = [p for group in opt.param_groups for p in group["params"]]
+            norm = float(nn.utils.clip_grad_norm_(params, args.clip if args.clip > 0 else float("inf")))
+            grad = norm if i == 0 else grad
+            finite &= scaler.is_enabled() or math.isfinite(norm)  # fp16: the scaler skips inf steps itself
+    if finite:
+        for opt in optimizers:
+            scaler.step(opt)
+        scaler.update()
+        stage.after_step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return values, grad, finite, bool(shared[-1] > 0)
+
+
+class Log:
+    """The log line (README), written by rank 0 to the console and <run-dir>/log.txt: the means over the finite
+    steps since the last line (a skipped step is counted at the end, so that it does not hide the rest), the
+    throughput, and rows and steps skipped. Rank 0 warns once about each bad row, whichever process met it."""
+
+    def __init__(self, args, master, world, frames, device):
+        self.args, self.master, self.world, self.frames, self.device = args, master, world, frames, device
+        self.skipped, self.warned, self.nonfinite, self.in_a_row = {}, set(), 0, 0  # skipped: {row: why}, ours
+        self.start, self.steps, self.losses, self.grads = time.time(), 0, [], []
+
+    def __call__(self, line):
+        if self.master:
+            tqdm.write(line)
+            with open(os.path.join(self.args.run_dir, "log.txt"), "a") as f:
+                f.write(line + "\n")
+
+    def record(self, step, values, grad, finite):
+        self.steps += 1
+        self.losses += [values] if finite else []
+        self.grads += [grad] if math.isfinite(grad) else []  # fp16: inf while the loss scale settles
+        self.nonfinite, self.in_a_row = self.nonfinite + (not finite), 0 if finite else self.in_a_row + 1
+        if self.in_a_row >= self.args.max_nonfinite:
+            fail(f"{self.in_a_row} non-finite losses in a row up to step {step}: the run diverged; resume "
+                 "from the last checkpoint with a lower --lr (or --dtype fp32)")
+
+    def report(self, step, names, lr):
+        """The log line of the steps since the last one (which every process must call together)."""
+        every = {row: why for part in gather(self.skipped, self.world) for row, why in part.items()}
+        for row in sorted(every.keys() - self.warned):
+            self(f"warning: skipping manifest row {row}: {every[row]}")
+        self.warned |= every.keys()
+        examples = self.steps * self.args.batch_size * self.args.accum * self.world / (time.time() - self.start)
+        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+        line = (f"step {step}/{self.args.max_steps} | "
+                + " | ".join(f"{k} {mean([v[k] for v in self.losses]):.5g}" for k in names)
+                + f" | lr {lr:.3g} | grad {mean(self.grads):.4g}"
+                + f" | {examples:.1f} samples/s | {examples * self.frames:.0f} frames/s"
+                + (f" | mem {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.1f} GiB"
+                   if self.device.type == "cuda" else "")
+                + f" | skipped {len(self.warned)} rows, {self.nonfinite} steps")
+        self(line)
+        self.start, self.steps, self.losses, self.grads = time.time(), 0, [], []
+        return line
+
+
+def save(stage, optimizers, scaler, generator, step, position, args, rank, world, log):
+    """<run-dir>/ckpt.pt, atomically: the stage's weights and configs, and all it takes to resume exactly. Under DDP
+    the replicas must agree first: weights that drifted apart mean a broken run."""
+    rngs = gather(rng_state(generator), world)
+    if world > 1 and len(set(gather(data.fingerprint(stage.objective.state_dict()), world))) > 1:
+        fail(f"the {world} replicas' weights differ at step {step}; the run is broken, resume from the last "
+             "checkpoint")
+    if rank != 0:
+        return
+    weights = stage.weights()
+    weights["config"]["train"] = vars(args)
+    ckpt = {"format": "ezaudio", "stage": args.stage if args.stage == "vae" else int(args.stage), "step": step,
+            **weights, "optimizer": [o.state_dict() for o in optimizers], "scaler": scaler.state_dict(),
+            "rng": rngs, "data": {**position, "world_size": world, "batch_size": args.batch_size}}
+    path = os.path.join(args.run_dir, "ckpt.pt")
+    data.save_atomic(ckpt, path)
+    log(f"saved {path} at step {step}" + (f"; the {world} replicas hold identical weights" if world > 1 else ""))
 
 
 def main(argv=None):
@@ -623,261 +923,59 @@ def main(argv=None):
 
 
 def train(args, saved, init, rank, world, device):
-    master, vae_stage, cuda = rank == 0, args.stage == "vae", device.type == "cuda"
+    """Build the stage, resume it or start it, then step until --max-steps, logging, saving and previewing on the
+    way; SIGTERM or Ctrl-C saves and stops after the current step."""
+    master = rank == 0
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
     generator = torch.Generator(device).manual_seed(args.seed + rank)  # timesteps, noise, masks, caption dropout
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(args.dtype)
-    if args.dtype == "auto":
-        amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    def log(line):
-        """A line on the console and in <run-dir>/log.txt, from rank 0."""
-        if master:
-            tqdm.write(line)
-            with open(os.path.join(args.run_dir, "log.txt"), "a") as f:
-                f.write(line + "\n")
-
-    # the data: captions for stages 2 and 3; the cache when given
-    try:
-        meta = data.read_cache_meta(args.cache) if args.cache else None
-        rows = data.read_manifest(args.manifest, args.data_root, args.split, args.min_clap,
-                                  captions=args.stage in ("2", "3"))
-    except ValueError as e:
-        fail(e)
-    if vae_stage and meta:
-        fail("the VAE stage trains on audio; leave out --cache")
-    if args.stage in ("2", "3") and meta and meta["empty"] is None:
-        fail(f"{args.cache} holds no T5 outputs; make it with `python data.py cache --text-encoder ...`")
-
-    # the models: a VAE and its critic, or a DiT with its frozen VAE and text encoder
-    source = saved or (init if E.is_project_checkpoint(init) else None)
-    vae_preset = args.vae_config or (args.config if args.config in E.VAE_PRESETS else "released")
+    autocast, scaler, amp_dtype = precision(args.dtype, device)
+    rows, meta = read_data(args)
     preview = master and args.sample_every > 0
-    text_encoder = text_name = text_state = vae = discriminator = None
-    if vae_stage:
-        try:  # a resumed run keeps its own shape (from --init-from, maybe, not --config); its weights load below
-            vae = (E.WaveformVAE(E.config_from_dict(E.VAEConfig, saved["config"]["vae"])) if saved
-                   else E.vae_from_checkpoint(init, E.VAE_PRESETS[vae_preset], args.init_from) if init is not None
-                   else E.WaveformVAE(E.VAE_PRESETS[vae_preset]))
-        except (E.CheckpointError, KeyError) as e:
-            fail(e)
-        discriminator = MultiScaleSTFTDiscriminator(args.disc_filters) if args.disc_filters > 0 else None
-        objective = VAEObjective(vae, discriminator, args.wave_weight, args.stft_floor, args.a_weighting).to(device)
-        vae_cfg, vae_path, dit, ema = vae.cfg, None, None, None
-        models, base_lrs = ([vae, discriminator], [args.lr, args.disc_lr]) if discriminator else ([vae], [args.lr])
-    else:
-        if meta and args.vae and os.path.abspath(args.vae) != meta["vae_path"]:  # the cached latents are its VAE's
-            fail(f"{args.cache} holds latents of the VAE {meta['vae_path']}, but this run's is {args.vae} (--vae, or "
-                 "--init-from's); make a cache with that VAE, or train on this cache with its own")
-        if meta and args.stage in ("2", "3") and args.text_encoder and args.text_encoder != meta["text_encoder"]:
-            fail(f"{args.cache} holds T5 outputs of {meta['text_encoder'] or 'an embedded encoder'}, but this "
-                 f"run's text encoder is {args.text_encoder}; make a cache with it, or train with the cache's own")
-        vae_path = meta["vae_path"] if meta else args.vae
-        if meta is None or preview:  # with a cache, the VAE only decodes previews
-            try:
-                vae, vae_path = data.load_vae(vae_path, E.config_from_dict(E.VAEConfig, meta["vae"]) if meta
-                                              else E.VAE_PRESETS[vae_preset])
-            except (E.CheckpointError, ValueError) as e:
-                fail(e)
-            vae = vae.to(device)
-        vae_cfg = vae.cfg if vae is not None else E.config_from_dict(E.VAEConfig, meta["vae"])
-        context_dim = 0
-        if args.stage in ("2", "3"):
-            text_name, text_state = ((meta["text_encoder"], meta["text_encoder_state"]) if meta
-                                     else text_encoder_source(args, source))
-            if meta is None or preview:  # with a cache, the text encoder only prompts previews
-                text_encoder, text_name, text_state = load_text_encoder(text_name, text_state)
-                text_encoder = text_encoder.to(device)
-            context_dim = text_encoder.dim if text_encoder is not None else meta["empty"].shape[-1]
-        dit = build_dit(args, context_dim, init, saved)
-        if dit.cfg.latent_dim != vae_cfg.latent_dim:
-            fail(f"the VAE's latent_dim {vae_cfg.latent_dim} does not match the DiT's {dit.cfg.latent_dim}; "
-                 "pass the matching --vae (and --vae-config)")
-        objective = DiffusionObjective(dit, args.min_timestep).to(device)
-        ema = EMA(dit, args.ema) if args.ema > 0 else None
-        models, base_lrs = [dit], [args.lr]
-        empty = meta["empty"].float() if meta and meta["empty"] is not None else None
-    frames = max(1, round(args.segment * vae_cfg.sample_rate / vae_cfg.hop))  # latent frames per example
-    shortest = STFT_RESOLUTIONS[0][0] // 2 + 1  # the spectral loss pads its longest window by half, by reflection
-    if vae_stage and frames * vae_cfg.hop < shortest:
-        fail(f"--segment {args.segment:g} is too short for the VAE stage's spectral loss: it needs "
-             f"{shortest / vae_cfg.sample_rate:.3f} s ({shortest} samples) or more")
-    try:
-        dataset = (data.CachedClips(rows, args.cache, frames, args.seed) if meta else
-                   data.AudioClips(rows, vae_cfg.sample_rate, frames * vae_cfg.hop, args.seed, args.flip))
-    except ValueError as e:
-        fail(e)
-    if math.ceil(len(dataset) / world) < args.batch_size:
-        fail(f"{len(dataset)} clips are fewer than --batch-size {args.batch_size} per process x {world} processes")
-    optimizers = [adamw(m, lr, args) for m, lr in zip(models, base_lrs)]
-
-    # resume: weights, optimiser, loss scale, random states and data position exactly as they were saved
+    stage = (VAEStage(args, saved, init, device) if args.stage == "vae"
+             else DiTStage(args, saved, init, meta, preview, device))
+    dataset = load_dataset(args, rows, meta, stage.vae_cfg, world)
+    optimizers = [adamw(m, lr, args) for m, lr in zip(stage.models, stage.lrs)]
+    log = Log(args, master, world, dataset.frames, device)
     step, position = 0, {"epoch": 0, "batch": 0}
     if saved:
-        try:
-            for key, m in zip(("vae", "discriminator") if vae_stage else ("model",), models):
-                if saved[key] is None:
-                    raise E.CheckpointError(f"{args.run_dir}/ckpt.pt holds no {key}")
-                E.load_weights(m, saved[key], f"{args.run_dir}/ckpt.pt")
-            if ema:
-                E.load_weights(ema.model, saved["ema"] or saved["model"], f"{args.run_dir}/ckpt.pt")
-        except E.CheckpointError as e:
-            fail(f"{e}; resume with the run's own model flags")
-        for opt, state in zip(optimizers, saved["optimizer"]):
-            opt.load_state_dict(state)
-        if saved["scaler"]:  # empty when the run did not scale its loss (fp32, bf16)
-            scaler.load_state_dict(saved["scaler"])
-        step, position = saved["step"], dict(saved["data"])
-        if rank < len(saved["rng"]):
-            set_rng_state(saved["rng"][rank], generator)
-        if (position.pop("world_size"), position.pop("batch_size")) != (world, args.batch_size):
-            log(f"warning: resumed with another number of processes or --batch-size; the data order restarts "
-                f"at the beginning of epoch {position['epoch']}")
-            position["batch"] = 0
-    model = torch.compile(objective) if args.compile else objective
+        step, position = resume(stage, optimizers, scaler, generator, saved, args, rank, world, log)
+    model = torch.compile(stage.objective) if args.compile else stage.objective
     if world > 1:
-        model = DDP(model, device_ids=[device.index] if cuda else None)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if master:
         os.makedirs(args.run_dir, exist_ok=True)  # only now: a start that fails leaves no empty run folder behind
-        n = sum(p.numel() for m in models for p in m.parameters())
-        log(f"stage {args.stage}: {n:,} parameters, {len(dataset)} clips, {frames} latent frames per example, "
+        n = sum(p.numel() for m in stage.models for p in m.parameters())
+        log(f"stage {args.stage}: {n:,} parameters, {len(dataset)} clips, {dataset.frames} latent frames per example, "
             f"{args.batch_size} x {args.accum} x {world} examples per step, {device.type}"
             f"{f' {amp_dtype}' if amp_dtype else ' fp32'}" + (f", resumed at step {step}" if saved else ""))
-    previews = (data.collate([dataset[i] for i in range(min(4, len(dataset)))])["audio"].to(device)
-                if vae_stage and preview else None)
-
-    def save():
-        rngs = gather(rng_state(generator), world)
-        if world > 1 and len(set(gather(data.fingerprint(objective.state_dict()), world))) > 1:
-            fail(f"the {world} replicas' weights differ at step {step}; the run is broken, resume from the last "
-                 "checkpoint")
-        if not master:
-            return
-        ckpt = {"format": "ezaudio", "stage": args.stage if vae_stage else int(args.stage), "step": step,
-                "config": {"dit": None if vae_stage else asdict(dit.cfg), "vae": asdict(vae_cfg),
-                           "vae_path": vae_path, "text_encoder": text_name, "train": vars(args)},
-                "model": None if vae_stage else dit.state_dict(), "ema": ema.model.state_dict() if ema else None,
-                "vae": vae.state_dict() if vae_stage else None,
-                "discriminator": discriminator.state_dict() if discriminator else None, "text_encoder": text_state,
-                "optimizer": [o.state_dict() for o in optimizers], "scaler": scaler.state_dict(), "rng": rngs,
-                "data": {**position, "world_size": world, "batch_size": args.batch_size}}
-        data.save_atomic(ckpt, os.path.join(args.run_dir, "ckpt.pt"))
-        log(f"saved {os.path.join(args.run_dir, 'ckpt.pt')} at step {step}"
-            + (f"; the {world} replicas hold identical weights" if world > 1 else ""))
-
-    batches = micro_batches(dataset, position, args, rank, world, pin=cuda)
-    params = [[p for p in m.parameters() if p.requires_grad] for m in models]
-    window = {"start": time.time(), "steps": 0, "losses": [], "grads": []}
-    average = lambda xs: sum(xs) / len(xs) if xs else float("nan")
-    skipped, warned, nonfinite, in_a_row = {}, set(), 0, 0  # skipped: {manifest row: why}, this process's
+    batches = micro_batches(dataset, position, args, rank, world, device.type == "cuda", log.skipped)
+    checkpoint = lambda: save(stage, optimizers, scaler, generator, step, position, args, rank, world, log)
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, unit="step", dynamic_ncols=True)
     with StopSignal() as stop:
         while step < args.max_steps:
-            for opt, base in zip(optimizers, base_lrs):
+            for opt, base in zip(optimizers, stage.lrs):
                 for group in opt.param_groups:
                     group["lr"] = base * lr_factor(step, args)
-            sums = {}
-            for micro in range(args.accum):
-                try:
-                    batch = next(batches)
-                except data.AudioError:
-                    fail(f"no row of {args.manifest} can be loaded; see `python data.py check --manifest "
-                         f"{args.manifest}`")
-                skipped.update(batch["skipped"])
-                if vae_stage:
-                    inputs = (batch["audio"].to(device, non_blocking=True), generator)
-                else:
-                    mean, std = posterior(batch, vae, device)
-                    x0 = mean + std * torch.randn(mean.shape, generator=generator, device=device)
-                    context = mask = None
-                    if dit.cfg.context_dim:
-                        context, mask = text_condition(batch, text_encoder, empty, args.text_dropout, generator,
-                                                       device)
-                    inputs = (x0, context, mask, generator)
-                last = micro == args.accum - 1
-                with (model.no_sync() if world > 1 and not last else contextlib.nullcontext()), autocast():
-                    loss, parts = model(*inputs)
-                scaler.scale(loss / args.accum).backward()
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v.float() / args.accum
-            # one all-reduce carries the losses and whether any rank was told to stop
-            names = list(sums)
-            shared = torch.stack([sums[k] for k in names]
-                                 + [torch.tensor(float(stop.received is not None), device=device)])
-            if world > 1:
-                dist.all_reduce(shared)
-                shared[:-1] /= world
-            shared = shared.cpu()
-            values = dict(zip(names, shared[:-1].tolist()))
-            finite = all(math.isfinite(v) for v in values.values())
-            grad = float("nan")
-            if finite:
-                for i, (opt, group) in enumerate(zip(optimizers, params)):
-                    scaler.unscale_(opt)
-                    norm = float(nn.utils.clip_grad_norm_(group, args.clip if args.clip > 0 else float("inf")))
-                    grad = norm if i == 0 else grad
-                    finite &= scaler.is_enabled() or math.isfinite(norm)  # fp16: the scaler skips inf steps
-            if finite:
-                for opt in optimizers:
-                    scaler.step(opt)
-                scaler.update()
-                if ema:
-                    ema.update(dit)
-                in_a_row = 0
-            else:
-                nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
-                if in_a_row >= args.max_nonfinite:
-                    fail(f"{in_a_row} non-finite losses in a row up to step {step + 1}: the run diverged; resume "
-                         "from the last checkpoint with a lower --lr (or --dtype fp32)")
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
+            values, grad, finite, stopping = train_step(model, stage, optimizers, scaler, batches, autocast, args,
+                                                        generator, device, world, stop)
             step += 1
             bar.update(1)
-
-            # logging, checkpoints, previews
-            # the means leave out skipped steps (counted at the end of the line), so that one does not hide the rest
-            window["steps"] += 1
-            window["losses"] += [values] if finite else []
-            window["grads"] += [grad] if math.isfinite(grad) else []  # fp16: inf while the loss scale settles
+            log.record(step, values, grad, finite)
             if step % args.log_every == 0 or step == args.max_steps:
-                # rank 0 warns once about each bad row, whichever processes met it
-                every = {row: why for part in gather(skipped, world) for row, why in part.items()}
-                for row in sorted(every.keys() - warned):
-                    log(f"warning: skipping manifest row {row}: {every[row]}")
-                warned |= every.keys()
-                elapsed, n = time.time() - window["start"], window["steps"]
-                examples = n * args.batch_size * args.accum * world / elapsed
-                line = (f"step {step}/{args.max_steps} | "
-                        + " | ".join(f"{k} {average([v[k] for v in window['losses']]):.5g}" for k in values)
-                        + f" | lr {optimizers[0].param_groups[0]['lr']:.3g} | grad {average(window['grads']):.4g}"
-                        + f" | {examples:.1f} samples/s | {examples * frames:.0f} frames/s"
-                        + (f" | mem {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB" if cuda else "")
-                        + f" | skipped {len(warned)} rows, {nonfinite} steps")
+                line = log.report(step, list(values), optimizers[0].param_groups[0]["lr"])
                 bar.set_postfix_str(line.split(" | ", 1)[1][:60])
-                log(line)
-                window.update(start=time.time(), steps=0, losses=[], grads=[])
-            stopping = shared[-1] > 0
             if step % args.save_every == 0 or stopping:
-                save()
+                checkpoint()
             if preview and step % args.sample_every == 0:
-                folder = os.path.join(args.run_dir, "samples", f"step{step:07d}")
-                if vae_stage:
-                    write_reconstructions(folder, vae, previews)
-                else:
-                    write_samples(folder, ema.model if ema else dit, vae, text_encoder, args.sample_prompts,
-                                  frames, args.sample_steps, autocast())
+                stage.preview(os.path.join(args.run_dir, "samples", f"step{step:07d}"), dataset, args, autocast)
             if stopping:
                 log(f"stopped by {stop.received or 'another rank'} at step {step}; continue with --resume")
                 break
         else:  # finished (or nothing left to do): the final checkpoint
             if step % args.save_every or step == 0:
-                save()
+                checkpoint()
     bar.close()
 
 
