@@ -10,7 +10,7 @@ arXiv 2409.10819, Sec. II-C and III; the VAE follows the released recipe (SPEC Â
   torchrun ... train.py --stage 3 --manifest audiocaps.csv --init-from runs/stage2/ckpt.pt  # human captions
 
 Read top to bottom: 1. settings  2. distributed set-up  3. the VAE stage's losses  4. the DiT stages' pieces
-5. optimiser, EMA and checkpoints  6. the training loop.
+5. optimiser, EMA and random states  6. the two kinds of stage  7. the training loop.
 """
 
 import argparse
@@ -67,20 +67,22 @@ DEFAULT_TEXT_ENCODERS = ({m["dit"]: m["text_encoder"] for m in E.MODELS.values()
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], argument_default=argparse.SUPPRESS)
-    a = p.add_argument
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], argument_default=argparse.SUPPRESS,
+                                epilog="Defaults are the paper's, and the released recipe's for the VAE.")
+    a = p.add_argument_group('what to train').add_argument
     a("--stage", choices=list(STAGES), help="vae: the waveform VAE; 1: masked diffusion on unlabeled audio; "
                                             "2: add text, CLAP-filtered synthetic captions; 3: human captions")
     a("--config", help=f"model preset: {', '.join(E.DIT_PRESETS)} (for the VAE stage: {', '.join(E.VAE_PRESETS)}, "
                        "other names mean released); default XL, or the --init-from checkpoint's")
+    a("--init-from", help="checkpoint to start from: stage 1's for stage 2, stage 2's for stage 3 (both required; "
+                          "`scratch` for random weights), or a released EzAudio file; for the VAE stage a VAE file")
+    a("--resume", action="store_true", help="continue the run in --run-dir exactly where its checkpoint stopped")
+    a("--run-dir", help="where ckpt.pt, log.txt and samples/ go (default: runs/vae, runs/stage1, ...)")
+    a = p.add_argument_group('data').add_argument
     a("--manifest", help="training clips: CSV (audio_path,caption,split[,clap_score]) or JSON Lines")
     a("--data-root", help="folder that relative audio paths start from (default: the manifest's folder)")
     a("--split", help="train on the manifest rows of this split, when it has a split column (default: train)")
     a("--cache", help="folder made by `python data.py cache`: train on its latents and T5 outputs")
-    a("--run-dir", help="where ckpt.pt, log.txt and samples/ go (default: runs/vae, runs/stage1, ...)")
-    a("--resume", action="store_true", help="continue the run in --run-dir exactly where its checkpoint stopped")
-    a("--init-from", help="checkpoint to start from: stage 1's for stage 2, stage 2's for stage 3 (both required; "
-                          "`scratch` for random weights), or a released EzAudio file; for the VAE stage a VAE file")
     a("--vae", help="VAE that makes the latents: released-format file or VAE-stage checkpoint "
                     "(default: --init-from's, else the released VAE, downloaded)")
     a("--vae-config", help="VAE preset of a released-format --vae file (default: --config's if it is one, "
@@ -90,10 +92,31 @@ def parser():
     a("--segment", type=float, help="seconds of audio per example (default 10; VAE 0.5)")
     a("--flip", type=float, help="probability of flipping a clip's polarity (default 0.5)")
     a("--min-clap", type=float, help="train on rows with clap_score >= this, 0 = all (default 0.40 in stage 2, else 0)")
+    a("--workers", type=int, help="data-loading processes per GPU (default 4)")
+    a = p.add_argument_group('optimisation').add_argument
     a("--batch-size", type=int, help="examples per process per micro-batch (default 16)")
     a("--accum", type=int, help="micro-batches per optimiser step (default 1)")
     a("--max-steps", type=int, help="optimiser steps (default: 100K, 50K, 30K for stages 1-3; 1M for the VAE)")
     a("--lr", type=float, help="peak learning rate (default: 1e-4, 5e-5, 1e-5 for stages 1-3; VAE 1.5e-4)")
+    a("--betas", type=float, nargs=2, help="AdamW betas (default 0.9 0.999; VAE 0.8 0.99)")
+    a("--eps", type=float, help="AdamW epsilon (default 1e-8)")
+    a("--weight-decay", type=float, help="AdamW weight decay, on Linear and Conv weights only (default 0.01; "
+                                         "VAE 1e-3)")
+    a("--warmup", type=int, help="steps of learning-rate warm-up: linear in the DiT stages (default 5000), "
+                                 "exponential in the VAE stage (default 1000: 1 - 0.999^step)")
+    a("--clip", type=float, help="gradient-norm clipping, 0 = off (default 1.0; VAE off)")
+    a("--ema", type=float, help="decay of an EMA of the DiT's weights, 0 = none (default 0; e.g. 0.9999)")
+    a("--seed", type=int, help="random seed; rank r draws from seed + r (default 0)")
+    a("--max-nonfinite", type=int, help="stop after this many non-finite losses in a row (default 20)")
+    a = p.add_argument_group('DiT stages').add_argument
+    a("--mae-prob", type=float, help="probability that an example is span-masked rather than fully masked "
+                                     "(default 0.25; 0.1 in stage 2)")
+    a("--min-timestep", type=int, help="DiT stages: draw training timesteps from [this, 1000) only (default 0, the "
+                                       "paper's: all); e.g. 600 fine-tunes the noisiest steps, where a clip's "
+                                       "layout, such as how many events it has, is decided")
+    a("--text-dropout", type=float, help="fraction of captions replaced by \"\" for classifier-free guidance "
+                                         "(default 0.1)")
+    a = p.add_argument_group('VAE stage').add_argument
     a("--disc-lr", type=float, help="VAE stage: the discriminator's learning rate (default 3e-4)")
     a("--disc-filters", type=int, help="VAE stage: channels of the discriminator's convolutions, 0 = no "
                                        "discriminator, hence no adversarial and feature-matching losses (default 64)")
@@ -105,21 +128,7 @@ def parser():
     a("--a-weighting", action=argparse.BooleanOptionalAction,
       help="VAE stage: A-weight the audio before the spectral loss (default on, the released recipe; "
            "--no-a-weighting for audio whose low tones matter, such as the toy world's)")
-    a("--betas", type=float, nargs=2, help="AdamW betas (default 0.9 0.999; VAE 0.8 0.99)")
-    a("--eps", type=float, help="AdamW epsilon (default 1e-8)")
-    a("--weight-decay", type=float, help="AdamW weight decay, on Linear and Conv weights only (default 0.01; "
-                                         "VAE 1e-3)")
-    a("--warmup", type=int, help="steps of learning-rate warm-up: linear in the DiT stages (default 5000), "
-                                 "exponential in the VAE stage (default 1000: 1 - 0.999^step)")
-    a("--clip", type=float, help="gradient-norm clipping, 0 = off (default 1.0; VAE off)")
-    a("--ema", type=float, help="decay of an EMA of the DiT's weights, 0 = none (default 0; e.g. 0.9999)")
-    a("--mae-prob", type=float, help="probability that an example is span-masked rather than fully masked "
-                                     "(default 0.25; 0.1 in stage 2)")
-    a("--min-timestep", type=int, help="DiT stages: draw training timesteps from [this, 1000) only (default 0, the "
-                                       "paper's: all); e.g. 600 fine-tunes the noisiest steps, where a clip's "
-                                       "layout, such as how many events it has, is decided")
-    a("--text-dropout", type=float, help="fraction of captions replaced by \"\" for classifier-free guidance "
-                                         "(default 0.1)")
+    a = p.add_argument_group('speed and memory').add_argument
     a("--device", choices=["cuda", "cpu"], help="where to train (default: cuda when torch sees a GPU); under "
                                                 "torchrun each process takes the GPU numbered by its LOCAL_RANK")
     a("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="autocast precision: auto = bf16 on GPUs that "
@@ -127,16 +136,13 @@ def parser():
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default off)")
     a("--grad-checkpointing", action=argparse.BooleanOptionalAction,
       help="recompute each DiT block in the backward pass: less memory, about a third more time (default off)")
-    a("--workers", type=int, help="data-loading processes per GPU (default 4)")
-    a("--seed", type=int, help="random seed; rank r draws from seed + r (default 0)")
+    a = p.add_argument_group('logging, checkpoints and previews').add_argument
     a("--log-every", type=int, help="steps between log lines (default 50)")
     a("--save-every", type=int, help="steps between checkpoints (default 5000; also at the end and on SIGTERM/SIGINT)")
     a("--sample-every", type=int, help="steps between preview samples in <run-dir>/samples, 0 = never (default 5000)")
     a("--sample-steps", type=int, help="DDIM steps of the preview samples (default 50)")
     a("--sample-prompts", nargs="+", help="prompts of the preview samples")
-    a("--max-nonfinite", type=int, help="stop after this many non-finite losses in a row (default 20)")
     return p
-
 
 def fail(message):
     raise SystemExit(f"error: {message}")
@@ -519,7 +525,7 @@ def write_reconstructions(folder, vae, audio):
 
 
 # -----------------------------------------------------------------------------
-# 5. Optimiser, learning rate, EMA, checkpoints
+# 5. Optimiser, learning rate, EMA, random states, stop signals and batches
 
 
 def adamw(module, lr, args):
