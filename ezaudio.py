@@ -878,8 +878,9 @@ MODELS = {  # the names --model takes: `hub_file`, a released DiT in HUB_REPO, w
     "s3_l": dict(hub_file="ckpts/s3/ezaudio_s3_l.pt", dit="L", text_encoder="google/flan-t5-large"),
     # the toy world's model (toy.py), trained on a CPU by the README's recipe; `sampling` replaces the paper's
     # defaults in sample.py: its clips are 2 s long, and guidance costs it count (README)
-    "toy": dict(file="assets/toy.pt", sampling=dict(duration=2.0, cfg=1.0)),
+    "toy": dict(file="assets/toy.pt", sampling=dict(duration=2.0, guidance=1.0)),
 }
+SAMPLING = dict(duration=10.0, steps=100, guidance=5.0, rescale=0.75, eta=1.0)  # the paper's (Sec. III)
 RELEASED_VAE = "ckpts/vae/1m.pt"
 
 
@@ -895,7 +896,9 @@ def hub_file(filename, flag):
     except Exception as e:
         raise CheckpointError(f"{filename} of the hub repo {HUB_REPO} is not in the Hugging Face cache and cannot be "
                               f"downloaded ({type(e).__name__}); connect to the internet once to download it, "
-                              f"or pass a local file with {flag}") from None
+                              f"or pass a local file with {flag} ({flag[2:].replace('-', '_')}= in Python); "
+                              "offline, --model toy (from_pretrained(\"toy\")) runs the small model that ships "
+                              "with ezaudio") from None
 
 
 def read_config(path, kind):
@@ -957,7 +960,7 @@ class EzAudio:
     the DiT runs under autocast, as the published pipeline runs it (float16); the text encoder and VAE stay float32.
     A DiT without text (stage 1, context_dim 0) takes no text encoder and only the empty prompt."""
 
-    def __init__(self, dit, vae, text_encoder=None, device=None, dtype=torch.float32):
+    def __init__(self, dit, vae, text_encoder=None, device=None, dtype=torch.float32, sampling=None):
         width = text_encoder.dim if text_encoder is not None else 0
         if dit.cfg.context_dim != width:
             raise CheckpointError(f"the text encoder's width {width} does not match the DiT's "
@@ -971,6 +974,7 @@ class EzAudio:
         self.text_encoder = text_encoder.to(self.device) if text_encoder is not None else None
         self.diffusion = Diffusion().to(self.device)
         self.sample_rate, self.hop = vae.cfg.sample_rate, vae.cfg.hop
+        self.sampling = {**SAMPLING, **(sampling or {})}  # generate()'s defaults: the paper's, or the model's own
 
     @classmethod
     def from_pretrained(cls, model="s3_xl", ckpt=None, dit_config=None, vae=None, vae_config=None,
@@ -986,10 +990,11 @@ class EzAudio:
                         the --vae file, else the config the checkpoint holds, else the released one
           text_encoder  a hub name or a save_pretrained folder; by default the one the checkpoint holds or names"""
         device = usable_device(device, dtype)  # before minutes of loading
+        sampling = None
         if ckpt is None:
             if model not in MODELS:
                 raise CheckpointError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
-            spec = MODELS[model]
+            spec, sampling = MODELS[model], MODELS[model].get("sampling")
             if "file" in spec:
                 ckpt = os.path.join(os.path.dirname(os.path.abspath(__file__)), spec["file"])
             else:
@@ -1029,7 +1034,7 @@ class EzAudio:
             text_encoder = TextEncoder.from_pretrained(config["text_encoder"])
         elif dit.cfg.context_dim:
             raise CheckpointError(f"{ckpt}: no text encoder is named; pass one with --text-encoder")
-        return cls(dit, vae, text_encoder, device, dtype)
+        return cls(dit, vae, text_encoder, device, dtype, sampling)
 
     def guided(self, prompts, guidance):
         """Whether these prompts are sampled with classifier-free guidance. As in the published pipeline, not an
@@ -1050,12 +1055,15 @@ class EzAudio:
                                          generator=generators, batch=len(prompts), **kw)
 
     @torch.inference_mode()
-    def generate(self, prompts, duration=10.0, steps=100, guidance=5.0, rescale=0.75, eta=1.0, seed=0,
+    def generate(self, prompts, duration=None, steps=None, guidance=None, rescale=None, eta=None, seed=0,
                  negative="", progress=False):
         """Prompts (list of str) -> audio (B, T), T = duration * sample_rate rounded to whole latent frames.
         `seed` is one seed for every prompt or a list of one per prompt; a prompt and seed give the same audio
-        alone as in a batch (up to float rounding). Defaults are the paper's: 100 DDIM steps, CFG 5, rescale 0.75,
-        eta 1."""
+        alone as in a batch (up to float rounding). What is left out comes from `self.sampling`: the paper's 10 s,
+        100 DDIM steps, CFG 5, rescale 0.75 and eta 1, or the model's own (the toy's: 2 s, no guidance)."""
+        given = dict(duration=duration, steps=steps, guidance=guidance, rescale=rescale, eta=eta)
+        duration, steps, guidance, rescale, eta = ({**self.sampling, **{k: v for k, v in given.items()
+                                                                       if v is not None}}[k] for k in given)
         seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")

@@ -77,10 +77,10 @@ def parse_args(argv=None):
                    help="WAV sample format; the PCM ones clip at +-1 (default: FLOAT, 32-bit float)")
     args = p.parse_args(argv)
     editing = args.edit is not None
-    defaults = dict(duration=10.0, cfg=3.5 if editing else 5.0, rescale=0.0 if editing else 0.75)  # the paper's
+    defaults = {**E.SAMPLING, **(dict(guidance=3.5, rescale=0.0) if editing else {})}  # the paper's
     if args.ckpt is None and not editing:
         defaults.update(E.MODELS[args.model].get("sampling", {}))
-    args.cfg = args.cfg if args.cfg is not None else defaults["cfg"]
+    args.cfg = args.cfg if args.cfg is not None else defaults["guidance"]
     args.rescale = args.rescale if args.rescale is not None else defaults["rescale"]
     problems = [
         (args.duration is not None and args.duration <= 0, "--duration must be > 0"),

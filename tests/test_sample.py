@@ -366,7 +366,8 @@ def test_released_weights_offline_and_not_cached(tmp_path, monkeypatch):
         sample.main(["a dog barks", "--device", "cpu"])
     message = str(e.value.code)
     assert message.startswith("error: ckpts/s3/ezaudio_s3_xl.pt of the hub repo OpenSound/EzAudio is not in the "
-                              "Hugging Face cache") and "--ckpt" in message and "\n" not in message
+                              "Hugging Face cache") and "\n" not in message
+    assert "--ckpt (ckpt= in Python)" in message and "--model toy" in message  # what a newcomer can do offline
 
 
 @pytest.mark.slow

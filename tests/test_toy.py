@@ -216,10 +216,12 @@ REDUCED = dict(clips=1050, vae_steps=250, stage1_steps=20, stage2_steps=1100, st
 
 
 @pytest.mark.slow
-def test_a_reduced_toy_recipe_learns_pitch_and_count(tmp_path):
+def test_a_reduced_toy_recipe_learns_pitch_and_count(tmp_path, capsys):
     """Every stage trained from scratch with train.py: samples of the 18 tone captions have the pitch and the number
     of events their caption names far above chance (33%), so the VAE, the text conditioning and the sampler all
     work together."""
+    with capsys.disabled():  # minutes without a dot would look like a hang
+        print("\n[test_toy] training the reduced toy recipe from scratch: about 5 minutes on 2 cores ...", flush=True)
     world, runs = tmp_path / "world", tmp_path / "runs"
     T.main(["make", "--out", str(world), "--train", str(REDUCED["clips"]), "--test", "0"])
     manifest = ["--manifest", str(world / "manifest.csv")]
@@ -256,6 +258,19 @@ def test_the_shipped_toy_model_samples_offline(tmp_path, capsys):
     assert "1 steps, CFG 3, rescale 0.75, eta 1" in capsys.readouterr().out  # guided: the rescale matters
 
 
+def test_the_toy_pipeline_samples_with_its_own_defaults(monkeypatch):
+    """from_pretrained("toy").generate(...) makes 2 s without guidance, as `sample.py --model toy` does; a value
+    given still wins."""
+    model, encoded = E.EzAudio.from_pretrained("toy", device="cpu"), []
+    encode = model.text_encoder.forward
+    monkeypatch.setattr(model.text_encoder, "forward", lambda prompts: encoded.append(list(prompts)) or
+                        encode(prompts))
+    assert model.generate(["two high beeps"], steps=2).shape == (1, 32000)
+    assert encoded == [["two high beeps"]]  # no negative prompt: CFG 1
+    assert model.generate(["two high beeps"], steps=2, duration=0.5, guidance=3).shape == (1, 8000)
+    assert encoded[1:] == [["two high beeps"], [""]]
+
+
 @pytest.mark.slow
 def test_the_shipped_toy_model_still_hears_its_prompts():
     """assets/toy.pt through today's sampling code hears its prompts about as well as the README says (pitch 100%,
@@ -263,7 +278,7 @@ def test_the_shipped_toy_model_still_hears_its_prompts():
     sampling cannot pass unnoticed."""
     model = E.EzAudio.from_pretrained("toy", device="cpu")
     tones = [c for c in T.CAPTIONS if T.parse_caption(c)["kind"] == "tone"] * 2
-    audio = model.generate(tones, duration=2.0, steps=50, guidance=E.MODELS["toy"]["sampling"]["cfg"],
+    audio = model.generate(tones, duration=2.0, steps=50, guidance=E.MODELS["toy"]["sampling"]["guidance"],
                            seed=list(range(100, 100 + len(tones))))
     scores = T.score((c, T.measure(a.numpy())) for c, a in zip(tones, audio))
     accuracy = {p: c / n for p, (c, n) in scores.items()}
