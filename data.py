@@ -550,13 +550,17 @@ COMMANDS.append(_clap_command)
 # Command line: python data.py {check,cache,clap} ...
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
     # each subcommand registers its flags and its function in its own section above
     for register in COMMANDS:
         register(sub)
-    args = parser.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     try:
         args.run(args)
     except (AudioError, FileNotFoundError, ValueError) as e:

@@ -367,10 +367,10 @@ def pack(path, out):
 # 7. Command line: python toy.py {make,score,spectrogram,pack} ...
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], epilog=__doc__.split("\n\n")[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser():
+    cli = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], epilog=__doc__.split("\n\n")[2],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = cli.add_subparsers(dest="command", required=True)
     p = sub.add_parser("make", help="write the toy world: WAVs, manifest.csv and stage2.csv")
     p.add_argument("--out", required=True, help="folder to write into")
     p.add_argument("--train", type=int, default=4200, help="number of training clips (classes take turns)")
@@ -390,7 +390,11 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="checkpoint of a DiT stage (e.g. runs/toy3/ckpt.pt)")
     p.add_argument("--out", required=True, help="file to write (e.g. assets/toy.pt)")
     p.set_defaults(run=lambda a: pack(a.ckpt, a.out))
-    args = parser.parse_args(argv)
+    return cli
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     try:
         args.run(args)
     except (AudioError, FileNotFoundError, ValueError) as e:
