@@ -3,7 +3,6 @@ and sampling that follows a reference, from Python and from sample.py, on tiny r
 published implementation is in test_reference.py."""
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -290,7 +289,7 @@ BAD = [  # (flags added to the tiny models' and --control's, what the message sa
     (["--gate", "1"], "no sample above the gate 1"),
     (["--gate", "-1"], "--gate must be >= 0"),
     (["--control", "{tmp}/short.wav"], "shorter than one latent frame"),
-    (["--controlnet", "{tmp}/wide.pt"], "a ControlNet for latent size 8, width 32 and 2 in-blocks does not fit the DiT"),
+    (["--controlnet", "{tmp}/wide.pt"], "a ControlNet for latent size 8, width 32 and 2 in-blocks does not fit"),
     (["--controlnet", "{tmp}/vae.pt"], "not a ControlNet checkpoint"),
     (["--controlnet", "{tmp}/missing.pt"], "missing.pt: no such file"),
     (["--controlnet", None], "has no released ControlNet (there is one for --model s3_l); pass one with --controlnet"),
@@ -341,7 +340,7 @@ def test_flags_that_need_control(flags):
 
 
 def test_released_controlnet_offline_and_not_cached(files, flags, tmp_path, monkeypatch):
-    """A DiT of a released model's shapes takes that model's ControlNet; offline and not cached, it fails in one line."""
+    """A DiT of a released model's shapes takes that model's ControlNet; offline and uncached, it fails in one line."""
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
@@ -351,3 +350,12 @@ def test_released_controlnet_offline_and_not_cached(files, flags, tmp_path, monk
     error = error_of(["a dog barks", *flags, "--control", str(files / "ref.wav")])
     assert error.startswith("error: ckpts/controlnet/tiny.pt of the hub repo OpenSound/EzAudio is not in the Hugging "
                             "Face cache") and "--controlnet" in error and "\n" not in error
+
+
+def test_control_offline_names_the_released_l_model(files, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    error = error_of(["a dog barks", "--control", str(files / "ref.wav"), "--device", "cpu"])
+    assert error.startswith("error: ckpts/s3/ezaudio_s3_l.pt of the hub repo OpenSound/EzAudio is not in the Hugging "
+                            "Face cache") and "\n" not in error

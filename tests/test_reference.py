@@ -169,7 +169,8 @@ CASES = cases()
 
 def test_fixtures_found():
     kinds = {name.split("_")[0].removesuffix(".pt") for name, *_ in CASES}
-    assert {"dit", "vae", "scheduler", "cfg", "sampling", "controlnet"} <= kinds, f"fixtures missing in {REF_DIR}: found {kinds}"
+    assert {"dit", "vae", "scheduler", "cfg", "sampling", "controlnet"} <= kinds, \
+        f"fixtures missing in {REF_DIR}: found {kinds}"
 
 
 @pytest.mark.parametrize("name,key,compute,ref", CASES, ids=[f"{c[0]}:{c[1]}" for c in CASES])
