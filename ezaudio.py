@@ -7,13 +7,14 @@ arXiv 2409.10819. Read top to bottom, this file builds every piece the paper des
   1. configuration            presets for the released EzAudio-L / XL and their waveform VAE (Sec. II-A, II-B)
   2. EzAudio-DiT              AdaLN-SOLA, long skips, RoPE, QK-norm, cross-attention, GEGLU (Sec. II-B)
   3. masked input assembly    generation, editing and span-masked training share one model input (Sec. II-C)
-  4. waveform VAE             Snake-beta Oobleck encoder/decoder with a VAE bottleneck (Sec. II-A)
-  5. diffusion                zero-terminal-SNR v-prediction, DDIM (Song et al. 2021, eqs. 12 and 16),
+  4. EzAudio-ControlNet       audio that follows a reference clip's loudness (the released energy ControlNet)
+  5. waveform VAE             Snake-beta Oobleck encoder/decoder with a VAE bottleneck (Sec. II-A)
+  6. diffusion                zero-terminal-SNR v-prediction, DDIM (Song et al. 2021, eqs. 12 and 16),
                               CFG with rescale (Sec. II-D)
-  6. training objective       span masking and the masked velocity loss (Sec. II-C, III)
-  7. text encoder             frozen FLAN-T5 (Sec. II-B)
-  8. checkpoints              the released state_dicts and this project's own files
-  9. the pipeline             text to audio, and audio editing, in a few lines
+  7. training objective       span masking and the masked velocity loss (Sec. II-C, III)
+  8. text encoder             frozen FLAN-T5 (Sec. II-B)
+  9. checkpoints              the released state_dicts and this project's own files
+ 10. the pipeline             text to audio, audio editing, and audio that follows a reference, in a few lines
 
 The released weights load into these modules unchanged, and with them the numbers match the published
 implementation (see tests/test_reference.py).
@@ -89,6 +90,27 @@ class VAEConfig:
             raise ValueError("unsupported VAE config: encoder and decoder disagree")
         return cls(sample_rate=cfg["sample_rate"], channels=enc["channels"], c_mults=tuple(enc["c_mults"]),
                    strides=tuple(enc["strides"]), latent_dim=dec["latent_dim"])
+
+
+@dataclass
+class ControlConfig:
+    """EzAudio-ControlNet's condition (SPEC §7): the energy envelope's framing, and the widths of the convolutions that
+    bring it to the latent rate. The defaults are the released energy ControlNet's (10 ms hops at 24 kHz)."""
+    cond_blocks: tuple = (65, 128)  # one stride-2 block per pair; the first width includes the condition-mask channel
+    hop: int = 240  # samples per energy frame; times 2^(len(cond_blocks) - 1) it must be the VAE's hop
+    window: int = 1920
+    min_db: float = -60.0
+
+    @classmethod
+    def from_official(cls, cfg):
+        """Build from a released ControlNet YAML config (its `controlnet` and `conditioner` blocks)."""
+        net, cond = cfg["controlnet"], cfg["conditioner"]
+        expected = dict(condition_type="energy", padding="reflect", norm=True, cond_in=1, cond_mask=True)
+        for k, v in expected.items():
+            if {**net, **cond}.get(k, v) != v:
+                raise ValueError(f"unsupported ControlNet config: {k}={({**net, **cond})[k]!r} (EzAudio uses {v!r})")
+        return cls(cond_blocks=tuple(net["cond_blocks"]), hop=cond["hop_size"], window=cond["window_size"],
+                   min_db=cond["min_db"])
 
 
 @dataclass
@@ -305,47 +327,61 @@ class TimestepEmbed(nn.Module):
         return self.mlp(timestep_embedding(t, self.freq_dim))
 
 
-class DiT(nn.Module):
-    """The transformer proper: latent frames in, velocity out. (B, 2C+1, L) -> (B, C, L)"""
+class DiTTrunk(nn.Module):
+    """The DiT's input half: embeddings of the latent frames, the timestep and the text, then the in-blocks. The DiT
+    continues it; EzAudio-ControlNet is a trainable copy of it (section 4)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, rotary, final_modulation=False):
         super().__init__()
         D = cfg.dim
         self.patch_embed = PatchEmbed(2 * cfg.latent_dim + 1, D)
         self.time_embed = TimestepEmbed(D)
-        self.time_ada_final = nn.Linear(D, 2 * D)
+        if final_modulation:  # the DiT's; registered here to keep the parameter order that saved optimisers have
+            self.time_ada_final = nn.Linear(D, 2 * D)
         self.time_ada = nn.Linear(D, 6 * D)
         if cfg.context_dim:
             self.context_embed = nn.Sequential(nn.Linear(cfg.context_dim, D), nn.SiLU(), nn.Linear(D, D))
-        rotary = RotaryEmbedding(D // cfg.heads)  # one table for all blocks, registered (and saved) in each
         self.in_blocks = nn.ModuleList([DiTBlock(cfg, rotary) for _ in range(cfg.depth // 2)])
-        self.mid_block = DiTBlock(cfg, rotary)
-        self.out_blocks = nn.ModuleList([DiTBlock(cfg, rotary, skip=True) for _ in range(cfg.depth // 2)])
-        self.final_block = FinalLayer(D, cfg.latent_dim)
         self.grad_checkpointing = False
 
-    def forward(self, x, t, context=None, context_mask=None):
-        x = self.patch_embed(x)  # (B, L, D)
-        time_token = F.silu(self.time_embed(t))  # (B, D): computed once per step, shared by every block
-        time_ada = self.time_ada(time_token)  # (B, 6D)
+    def embed(self, x, t, context, context_mask, rotary):
+        """Tokens (B, L, D) of the model input x (B, 2C+1, L), and what every block takes besides them: the timestep
+        token (B, D), the shared modulation (B, 6D), the embedded text (B, Lc, D), its mask and the RoPE tables."""
+        time_token = F.silu(self.time_embed(t))  # computed once per step, shared by every block
         if context is not None:
-            context = self.context_embed(context)  # (B, Lc, D)
-        rope = self.mid_block.attn.rotary(x.shape[1], x.device)  # (L, d) cos and sin
+            context = self.context_embed(context)
+        x = self.patch_embed(x)
+        return x, (time_token, self.time_ada(time_token), context, context_mask, rotary(x.shape[1], x.device))
 
-        def run(block, x, skip=None):
-            if self.grad_checkpointing and self.training:
-                return checkpoint(block, x, time_token, time_ada, context, context_mask, rope, skip,
-                                  use_reentrant=False)
-            return block(x, time_token, time_ada, context, context_mask, rope, skip)
+    def run(self, block, x, shared, skip=None):
+        if self.grad_checkpointing and self.training:
+            return checkpoint(block, x, *shared, skip, use_reentrant=False)
+        return block(x, *shared, skip)
 
+
+class DiT(DiTTrunk):
+    """The transformer proper: latent frames in, velocity out. (B, 2C+1, L) -> (B, C, L)"""
+
+    def __init__(self, cfg):
+        rotary = RotaryEmbedding(cfg.dim // cfg.heads)  # one table for all blocks, registered (and saved) in each
+        super().__init__(cfg, rotary, final_modulation=True)
+        self.mid_block = DiTBlock(cfg, rotary)
+        self.out_blocks = nn.ModuleList([DiTBlock(cfg, rotary, skip=True) for _ in range(cfg.depth // 2)])
+        self.final_block = FinalLayer(cfg.dim, cfg.latent_dim)
+
+    def forward(self, x, t, context=None, context_mask=None, residuals=None):
+        """`residuals`: a ControlNet's, one (B, L, D) per in-block, in in-block order (section 4)."""
+        x, shared = self.embed(x, t, context, context_mask, self.mid_block.attn.rotary)
         skips = []
         for block in self.in_blocks:
-            x = run(block, x)
+            x = self.run(block, x, shared)
             skips.append(x)
-        x = run(self.mid_block, x)
+        if residuals is not None:  # SPEC §7: a ControlNet steers the DiT through its long skips only
+            skips = [skip + residual for skip, residual in zip(skips, residuals, strict=True)]
+        x = self.run(self.mid_block, x, shared)
         for block in self.out_blocks:
-            x = run(block, x, skips.pop())
-        shift, scale = self.time_ada_final(time_token).view(x.shape[0], 2, -1).unbind(1)
+            x = self.run(block, x, shared, skips.pop())
+        shift, scale = self.time_ada_final(shared[0]).view(x.shape[0], 2, -1).unbind(1)
         return self.final_block(x, shift, scale)
 
 
@@ -374,9 +410,10 @@ class EzAudioDiT(nn.Module):
         known = torch.where(mask, embed, gt.to(x.dtype))
         return torch.cat([x, known, mask.to(x.dtype)], dim=1)  # (B, 2C+1, L)
 
-    def forward(self, x, t, context=None, context_mask=None, gt=None, mask=None):
-        """Predicted velocity (B, C, L) for noisy latents x (B, C, L) at integer timesteps t (B,)."""
-        return self.model(self.assemble_input(x, gt, mask), t, context, context_mask)
+    def forward(self, x, t, context=None, context_mask=None, gt=None, mask=None, residuals=None):
+        """Predicted velocity (B, C, L) for noisy latents x (B, C, L) at integer timesteps t (B,), steered by a
+        ControlNet's `residuals` when given."""
+        return self.model(self.assemble_input(x, gt, mask), t, context, context_mask, residuals)
 
     @torch.no_grad()
     def init_weights(self):
@@ -415,7 +452,84 @@ class EzAudioDiT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 4. The waveform VAE (paper Sec. II-A): an Oobleck encoder/decoder (Stable Audio) with a VAE bottleneck
+# 4. EzAudio-ControlNet: audio that follows a reference clip's loudness (SPEC §7; ControlNet: Zhang et al., 2023)
+
+
+def energy_envelope(audio, cfg):
+    """Loudness of waveforms (B, N) in frames of cfg.hop samples: the mean power over a window centred on each
+    frame, in dB with a floor at cfg.min_db, scaled per clip to [0, 1] from the floor to its loudest frame.
+    -> (B, 1, N // hop)"""
+    pad = (cfg.window - cfg.hop) // 2
+    padded = F.pad(audio[:, None], (pad, pad), mode="reflect")[:, 0]  # (B, N + window - hop)
+    power = padded.unfold(-1, cfg.window, cfg.hop).pow(2).mean(-1)  # (B, N // hop)
+    db = 10 * torch.log10(power.clamp(min=10 ** (cfg.min_db / 10)))
+    return ((db - cfg.min_db) / (db.amax(-1, keepdim=True) - cfg.min_db + 1e-8))[:, None]
+
+
+class ControlNetPre(nn.Module):
+    """The condition's embedding, added to the ControlNet's patch embedding: a 1x1 conv, the condition mask (frames
+    hidden in training get a learned embedding and a 1 in an extra channel), stride-2 conv blocks down to the
+    latent rate, and a zero-initialised 1x1 conv out to the model width. (B, 1, F) -> (B, F / 2^k, D)"""
+
+    def __init__(self, cfg, dim):
+        super().__init__()
+        widths = cfg.cond_blocks
+        self.mask_embed = nn.Parameter(torch.zeros(widths[0] - 1))
+        self.conv_in = nn.Conv1d(1, widths[0] - 1, 1)
+        self.blocks = nn.Sequential(*[nn.Sequential(  # blocks.i.0 and blocks.i.2, as the released keys are named
+            nn.Conv1d(c, c, 3, padding=1), nn.SiLU(), nn.Conv1d(c, c_next, 3, padding=1, stride=2), nn.SiLU())
+            for c, c_next in zip(widths, widths[1:])])
+        self.conv_out = nn.Conv1d(widths[-1], dim, 1)
+
+    def forward(self, condition, mask=None):
+        """`mask` (B, 1, F) bool, True = hidden (training only; at inference nothing is)."""
+        h = self.conv_in(condition)  # (B, c0 - 1, F)
+        if mask is None:
+            mask = torch.zeros_like(condition, dtype=torch.bool)
+        h = torch.where(mask, self.mask_embed.to(h.dtype)[:, None], h)
+        h = self.blocks(torch.cat([h, mask.to(h.dtype)], dim=1))  # (B, c_last, F / 2^k)
+        return self.conv_out(h).transpose(1, 2)
+
+
+class ControlNet(DiTTrunk):
+    """A trainable copy of the DiT's input half that reads a condition beside the DiT's input, and returns one
+    residual per in-block for the DiT's long skips, each through a zero-initialised Linear. Its state_dict has the
+    released layout (ckpts/controlnet/s3_l_energy.pt)."""
+
+    def __init__(self, cfg, control=None):
+        super().__init__(cfg, RotaryEmbedding(cfg.dim // cfg.heads))
+        self.cfg, self.control = cfg, control or ControlConfig()
+        self.controlnet_pre = ControlNetPre(self.control, cfg.dim)
+        self.controlnet_zero_blocks = nn.ModuleList([nn.Linear(cfg.dim, cfg.dim) for _ in self.in_blocks])
+
+    @classmethod
+    @torch.no_grad()
+    def from_dit(cls, dit, control=None):
+        """A ControlNet to train beside `dit` (an EzAudioDiT): its input half's weights copied, and conv_out and
+        the residual Linears zeroed, so that it starts by changing nothing."""
+        net = cls(dit.cfg, control).to(dit.mask_embed.device, dit.mask_embed.dtype)
+        state = net.state_dict()
+        state.update({k: v for k, v in dit.model.state_dict().items() if k in state})
+        net.load_state_dict(state)
+        for layer in [net.controlnet_pre.conv_out, *net.controlnet_zero_blocks]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        return net
+
+    def forward(self, x, t, condition, context=None, context_mask=None, scale=1.0, condition_mask=None):
+        """Residuals, one (B, L, D) per in-block in in-block order, for the DiT's input x (B, 2C+1, L) as
+        EzAudioDiT.assemble_input makes it, and a condition (B, 1, F) at 2^k times the latent rate."""
+        x, shared = self.embed(x, t, context, context_mask, self.in_blocks[0].attn.rotary)
+        x = x + self.controlnet_pre(condition, condition_mask)
+        residuals = []
+        for block, zero in zip(self.in_blocks, self.controlnet_zero_blocks):
+            x = self.run(block, x, shared)
+            residuals.append(zero(x) * scale)
+        return residuals
+
+
+# -----------------------------------------------------------------------------
+# 5. The waveform VAE (paper Sec. II-A): an Oobleck encoder/decoder (Stable Audio) with a VAE bottleneck
 
 
 class SnakeBeta(nn.Module):
@@ -557,7 +671,7 @@ def kl_divergence(mean, std):
 
 
 # -----------------------------------------------------------------------------
-# 5. Diffusion: zero-terminal-SNR v-prediction with DDIM sampling and classifier-free guidance
+# 6. Diffusion: zero-terminal-SNR v-prediction with DDIM sampling and classifier-free guidance
 
 
 def zero_snr_alphas_cumprod(cfg):
@@ -641,11 +755,12 @@ class Diffusion(nn.Module):
     @torch.inference_mode()
     def sample(self, dit, context, context_mask, neg_context=None, neg_mask=None, *, length=None, steps=100,
                guidance=5.0, rescale=0.75, eta=1.0, gt=None, mask=None, generator=None, noise=None, batch=1,
-               progress=False):
+               controlnet=None, condition=None, control_scale=1.0, progress=False):
         """Generate latents (B, C, length) by DDIM from pure noise, guided by the text (classifier-free guidance
         against `neg_context` when given). Editing: pass the known latent `gt` (B, C, L) and `mask` (B, 1 or C, L),
         True where frames are to be generated; the known frames are copied back at the end. Without text (a
-        stage-1 model) pass context=None and the `batch` size.
+        stage-1 model) pass context=None and the `batch` size. Control: a `controlnet` (section 4) with its
+        `condition` (B, 1, F), its residuals scaled by `control_scale`.
 
         Random numbers come from `generator` in the order of the released pipeline: first the initial noise,
         then, when eta > 0, one tensor of the same shape at every step. A list of generators, one per sample, gives
@@ -659,11 +774,16 @@ class Diffusion(nn.Module):
             context, context_mask = pad_and_concat(context, context_mask, neg_context, neg_mask)
             if gt is not None:
                 gt, mask = torch.cat([gt, gt]), torch.cat([mask, mask])
+            if condition is not None:  # the negative half follows the reference too: guidance is by text alone
+                condition = torch.cat([condition, condition])
         if context_mask is not None and bool(context_mask.all()):
             context_mask = None  # no padding: skip the attention mask and its slower kernel
         for t in tqdm(self.timesteps(steps).tolist(), desc="sampling", disable=not progress, leave=False):
             t_batch = torch.full((x.shape[0] * (2 if guided else 1),), t, device=device)
-            v = dit(torch.cat([x, x]) if guided else x, t_batch, context, context_mask, gt, mask).float()
+            x_in = torch.cat([x, x]) if guided else x
+            residuals = None if controlnet is None else controlnet(
+                dit.assemble_input(x_in, gt, mask), t_batch, condition, context, context_mask, control_scale)
+            v = dit(x_in, t_batch, context, context_mask, gt, mask, residuals).float()
             if guided:
                 v = classifier_free_guidance(*v.chunk(2), guidance, rescale)
             z = randn(shape, generator, device) if eta > 0 else None
@@ -684,7 +804,7 @@ def pad_and_concat(a, a_mask, b, b_mask):
 
 
 # -----------------------------------------------------------------------------
-# 6. Training objective: span masking and the masked velocity loss (paper Sec. II-C)
+# 7. Training objective: span masking and the masked velocity loss (paper Sec. II-C)
 
 
 def span_mask(batch, length, cfg, generator=None, device=None, mae_prob=None):
@@ -727,7 +847,7 @@ def diffusion_loss(dit, diffusion, x0, context=None, context_mask=None, generato
 
 
 # -----------------------------------------------------------------------------
-# 7. Text encoder: frozen FLAN-T5 (paper Sec. II-B)
+# 8. Text encoder: frozen FLAN-T5 (paper Sec. II-B)
 
 
 class TextEncoder(nn.Module):
@@ -791,7 +911,7 @@ def toy_text_encoder(seed=0):
 
 
 # -----------------------------------------------------------------------------
-# 8. Checkpoints: the released state_dicts, and this project's own files
+# 9. Checkpoints: the released state_dicts, and this project's own files
 
 
 class CheckpointError(Exception):
@@ -868,19 +988,42 @@ def vae_from_checkpoint(ckpt, cfg=None, name="checkpoint"):
     return load_weights(unset_module(WaveformVAE, cfg or VAE_PRESETS["released"]), state, name)
 
 
+def check_controlnet_fits(latent_dim, dim, blocks, dit_cfg, name):
+    """CheckpointError unless a ControlNet of this latent size, width and number of in-blocks can steer the DiT."""
+    ours = (dit_cfg.latent_dim, dit_cfg.dim, dit_cfg.depth // 2)
+    if (latent_dim, dim, blocks) != ours:
+        raise CheckpointError(f"{name}: a ControlNet for latent size {latent_dim}, width {dim} and {blocks} in-blocks "
+                              f"does not fit the DiT (latent size {ours[0]}, width {ours[1]}, {ours[2]} in-blocks); "
+                              "pass the ControlNet trained for this DiT with --controlnet")
+
+
+def controlnet_from_checkpoint(ckpt, dit_cfg, name="checkpoint"):
+    """A ControlNet for the DiT of config `dit_cfg` from a loaded released-format file ({'model': state_dict}, as
+    ckpts/controlnet/s3_l_energy.pt); its condition is the released energy envelope (ControlConfig's defaults)."""
+    state = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not {"patch_embed.proj.weight", "controlnet_pre.conv_in.weight"} <= state.keys():
+        raise CheckpointError(f"{name}: not a ControlNet checkpoint (expected 'model' with controlnet_pre keys)")
+    dim, channels = state["patch_embed.proj.weight"].shape[:2]  # channels: 2C + 1
+    blocks = sum(k.startswith("controlnet_zero_blocks.") and k.endswith(".weight") for k in state)
+    check_controlnet_fits((channels - 1) // 2, dim, blocks, dit_cfg, name)
+    return load_weights(unset_module(ControlNet, dit_cfg), state, name)
+
+
 # -----------------------------------------------------------------------------
-# 9. The pipeline: text to audio, and audio editing
+# 10. The pipeline: text to audio, audio editing, and audio that follows a reference
 
 HUB_REPO = "OpenSound/EzAudio"
 MODELS = {  # the names --model takes: `hub_file`, a released DiT in HUB_REPO, with its preset and text encoder;
     # or `file`, one of this project's checkpoints (which carry their configs), relative to this folder
     "s3_xl": dict(hub_file="ckpts/s3/ezaudio_s3_xl.pt", dit="XL", text_encoder="google/flan-t5-xl"),
-    "s3_l": dict(hub_file="ckpts/s3/ezaudio_s3_l.pt", dit="L", text_encoder="google/flan-t5-large"),
+    "s3_l": dict(hub_file="ckpts/s3/ezaudio_s3_l.pt", dit="L", text_encoder="google/flan-t5-large",
+                 controlnet="ckpts/controlnet/s3_l_energy.pt"),  # `controlnet`: its released ControlNet in HUB_REPO
     # the toy world's model (toy.py), trained on a CPU by the README's recipe; `sampling` replaces the paper's
     # defaults in sample.py: its clips are 2 s long, and guidance costs it count (README)
     "toy": dict(file="assets/toy.pt", sampling=dict(duration=2.0, guidance=1.0)),
 }
 SAMPLING = dict(duration=10.0, steps=100, guidance=5.0, rescale=0.75, eta=1.0)  # the paper's (Sec. III)
+CONTROL_SAMPLING = dict(steps=50, guidance=3.5, rescale=0.0)  # the published ControlNet pipeline's
 RELEASED_VAE = "ckpts/vae/1m.pt"
 
 
@@ -915,6 +1058,15 @@ def read_config(path, kind):
         raise CheckpointError(f"{path}: not {what} ({type(e).__name__}: {str(e).partition(chr(10))[0]})") from None
 
 
+def released_controlnet(model, what):
+    """The hub file of the released ControlNet of MODELS[model], else a CheckpointError saying that `what` has none."""
+    if model not in MODELS or "controlnet" not in MODELS[model]:
+        fits = ", ".join(f"--model {name}" for name, spec in MODELS.items() if "controlnet" in spec)
+        raise CheckpointError(f"{what} has no released ControlNet (there is one for {fits}); pass one with "
+                              "--controlnet")
+    return MODELS[model]["controlnet"]
+
+
 def guess_released_model(state):
     """The name in MODELS of the released DiT whose shapes a released-format state_dict has, or None."""
     for name, spec in MODELS.items():
@@ -946,6 +1098,17 @@ def usable_device(device, dtype):
     return device
 
 
+def gate_reference(audio, gate=0.0):
+    """A reference clip (T,) as the published ControlNet pipeline prepares it: peak-normalised, and samples at or
+    below `gate` (its `surpass_noise`) set to 0. ValueError when nothing is left, since silence has no loudness to
+    follow; sample.py calls this before minutes of model loading, too."""
+    audio = audio / (audio.abs().max() + 1e-9)
+    audio = torch.where(audio.abs() > gate, audio, 0.0)
+    if not audio.any():
+        raise ValueError("the reference is silent" + (f" (no sample above the gate {gate:g})" if gate > 0 else ""))
+    return audio
+
+
 def check_edit_mask(seconds, mask_start, mask_length, boundary):
     """ValueError unless the mask starts within a clip of `seconds` (or at its end: outpainting) and is not empty.
     It needs only the clip's length, so that sample.py can check it before minutes of model loading."""
@@ -955,12 +1118,14 @@ def check_edit_mask(seconds, mask_start, mask_length, boundary):
 
 
 class EzAudio:
-    """Text encoder, DiT, VAE and sampler in one object: `generate` turns prompts into audio, `edit` regenerates
-    a span of an existing clip. Waveforms are float32 tensors at `sample_rate`. With `dtype` bfloat16 or float16
-    the DiT runs under autocast, as the published pipeline runs it (float16); the text encoder and VAE stay float32.
-    A DiT without text (stage 1, context_dim 0) takes no text encoder and only the empty prompt."""
+    """Text encoder, DiT, VAE and sampler in one object: `generate` turns prompts into audio (following a reference
+    clip's loudness when a ControlNet is given), `edit` regenerates a span of an existing clip. Waveforms are float32
+    tensors at `sample_rate`. With `dtype` bfloat16 or float16 the DiT and ControlNet run under autocast, as the
+    published pipeline runs them (float16); the text encoder and VAE stay float32. A DiT without text (stage 1,
+    context_dim 0) takes no text encoder and only the empty prompt."""
 
-    def __init__(self, dit, vae, text_encoder=None, device=None, dtype=torch.float32, sampling=None):
+    def __init__(self, dit, vae, text_encoder=None, device=None, dtype=torch.float32, sampling=None,
+                 controlnet=None):
         width = text_encoder.dim if text_encoder is not None else 0
         if dit.cfg.context_dim != width:
             raise CheckpointError(f"the text encoder's width {width} does not match the DiT's "
@@ -968,17 +1133,26 @@ class EzAudio:
         if dit.cfg.latent_dim != vae.cfg.latent_dim:
             raise CheckpointError(f"the VAE's latent_dim {vae.cfg.latent_dim} does not match the DiT's "
                                   f"{dit.cfg.latent_dim}; pass the matching --vae")
+        if controlnet is not None:
+            check_controlnet_fits(controlnet.cfg.latent_dim, controlnet.cfg.dim, len(controlnet.in_blocks), dit.cfg,
+                                  "the ControlNet")
+            control = controlnet.control
+            if control.hop * 2 ** (len(control.cond_blocks) - 1) != vae.cfg.hop:
+                raise CheckpointError(f"the ControlNet's condition, in frames of {control.hop} samples brought to the "
+                                      f"latent rate by {len(control.cond_blocks) - 1} halvings, does not fit the "
+                                      f"VAE's hop of {vae.cfg.hop} samples")
         self.device, self.dtype = usable_device(device, dtype), dtype
         self.dit = dit.to(self.device).eval()
+        self.controlnet = controlnet.to(self.device).eval() if controlnet is not None else None
         self.vae = vae.to(self.device).eval().fold_weight_norm()
         self.text_encoder = text_encoder.to(self.device) if text_encoder is not None else None
         self.diffusion = Diffusion().to(self.device)
         self.sample_rate, self.hop = vae.cfg.sample_rate, vae.cfg.hop
-        self.sampling = {**SAMPLING, **(sampling or {})}  # generate()'s defaults: the paper's, or the model's own
+        self.sampling = sampling or {}  # the model's own defaults for generate(), over the paper's
 
     @classmethod
     def from_pretrained(cls, model="s3_xl", ckpt=None, dit_config=None, vae=None, vae_config=None,
-                        text_encoder=None, device=None, dtype=torch.float32):
+                        text_encoder=None, device=None, dtype=torch.float32, controlnet=None):
         """A model of MODELS by name (released files come from the hub and are cached), or local files, as
         sample.py's flags name them:
           ckpt          one of this project's checkpoints (it carries its configs) or a released-format DiT
@@ -988,13 +1162,17 @@ class EzAudio:
                         own, else the one it names, else the released one
           vae_config    of a released-format VAE: a VAEConfig or its JSON file; by default a config.json beside
                         the --vae file, else the config the checkpoint holds, else the released one
-          text_encoder  a hub name or a save_pretrained folder; by default the one the checkpoint holds or names"""
+          text_encoder  a hub name or a save_pretrained folder; by default the one the checkpoint holds or names
+          controlnet    True: the released ControlNet of the model (EzAudio-L's, downloaded on first use), also of a
+                        --ckpt with the released model's shapes; or a local released-format ControlNet file"""
         device = usable_device(device, dtype)  # before minutes of loading
-        sampling = None
+        released = sampling = None
         if ckpt is None:
             if model not in MODELS:
                 raise CheckpointError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
             spec, sampling = MODELS[model], MODELS[model].get("sampling")
+            if controlnet is True:
+                released_controlnet(model, f"the model {model}")  # before the DiT's download
             if "file" in spec:
                 ckpt = os.path.join(os.path.dirname(os.path.abspath(__file__)), spec["file"])
             else:
@@ -1004,12 +1182,16 @@ class EzAudio:
         config = ck["config"] if is_project_checkpoint(ck) else {}
         if isinstance(dit_config, (str, os.PathLike)):
             dit_config = read_config(dit_config, "dit")
-        if dit_config is None and not config and isinstance(ck, dict) and isinstance(ck.get("model"), dict):
-            released = guess_released_model(ck["model"])
-            if released is not None:
+        if not config and isinstance(ck, dict) and isinstance(ck.get("model"), dict):
+            released = guess_released_model(ck["model"])  # the name in MODELS of a released DiT's shapes, or None
+            if released is not None and dit_config is None:
                 dit_config = DIT_PRESETS[MODELS[released]["dit"]]
                 text_encoder = text_encoder or MODELS[released]["text_encoder"]
         dit = dit_from_checkpoint(ck, dit_config, ckpt)
+        if controlnet is True:
+            controlnet = hub_file(released_controlnet(released, ckpt), "--controlnet")
+        if controlnet is not None:
+            controlnet = controlnet_from_checkpoint(load_file(controlnet), dit.cfg, controlnet)
         if isinstance(vae_config, (str, os.PathLike)):
             vae_config = read_config(vae_config, "vae")
         if vae is not None:
@@ -1034,7 +1216,7 @@ class EzAudio:
             text_encoder = TextEncoder.from_pretrained(config["text_encoder"])
         elif dit.cfg.context_dim:
             raise CheckpointError(f"{ckpt}: no text encoder is named; pass one with --text-encoder")
-        return cls(dit, vae, text_encoder, device, dtype, sampling)
+        return cls(dit, vae, text_encoder, device, dtype, sampling, controlnet)
 
     def guided(self, prompts, guidance):
         """Whether these prompts are sampled with classifier-free guidance. As in the published pipeline, not an
@@ -1054,24 +1236,50 @@ class EzAudio:
             return self.diffusion.sample(self.dit, context, mask, neg_context, neg_mask, guidance=guidance,
                                          generator=generators, batch=len(prompts), **kw)
 
+    def control_condition(self, audio, length, gate):
+        """The ControlNet's condition (1, 1, F) for `length` latent frames from a reference clip (T,) at
+        `sample_rate`, prepared as the published pipeline prepares it: `gate_reference`, then padded with zeros or
+        cut to the length. Also the number of output samples the reference covers."""
+        if self.controlnet is None:
+            raise ValueError("this model has no ControlNet; load one with EzAudio.from_pretrained(controlnet=...)")
+        audio = torch.as_tensor(audio, dtype=torch.float32).flatten()
+        if audio.numel() < self.hop:
+            raise ValueError(f"the reference is shorter than one latent frame ({self.hop / self.sample_rate:g} s)")
+        control, samples = self.controlnet.control, length * self.hop
+        if samples <= (control.window - control.hop) // 2:  # the envelope's reflection padding needs that much
+            raise ValueError(f"a controlled sample must be longer than {(control.window - control.hop) // 2} "
+                             f"samples ({(control.window - control.hop) / 2 / self.sample_rate:g} s)")
+        audio = gate_reference(audio, gate)
+        padded = F.pad(audio, (0, max(samples - audio.numel(), 0)))[:samples]
+        return energy_envelope(padded.to(self.device)[None], control), min(audio.numel(), samples)
+
     @torch.inference_mode()
     def generate(self, prompts, duration=None, steps=None, guidance=None, rescale=None, eta=None, seed=0,
-                 negative="", progress=False):
+                 negative="", control=None, control_scale=1.0, gate=0.0, progress=False):
         """Prompts (list of str) -> audio (B, T), T = duration * sample_rate rounded to whole latent frames.
         `seed` is one seed for every prompt or a list of one per prompt; a prompt and seed give the same audio
-        alone as in a batch (up to float rounding). What is left out comes from `self.sampling`: the paper's 10 s,
-        100 DDIM steps, CFG 5, rescale 0.75 and eta 1, or the model's own (the toy's: 2 s, no guidance)."""
+        alone as in a batch (up to float rounding).
+        With a ControlNet, `control` is a reference clip (T,) at `sample_rate` whose loudness every prompt's audio
+        follows, `control_scale` the strength, `gate` as in `gate_reference`; the audio is cut to the reference's
+        length. What is left out is the paper's (10 s, 100 DDIM steps, CFG 5, rescale 0.75, eta 1), with a control
+        the published ControlNet pipeline's (50 steps, CFG 3.5, rescale 0), unless the model has its own (the toy's:
+        2 s, no guidance)."""
         given = dict(duration=duration, steps=steps, guidance=guidance, rescale=rescale, eta=eta)
-        duration, steps, guidance, rescale, eta = ({**self.sampling, **{k: v for k, v in given.items()
-                                                                       if v is not None}}[k] for k in given)
+        defaults = {**SAMPLING, **(CONTROL_SAMPLING if control is not None else {}), **self.sampling}
+        duration, steps, guidance, rescale, eta = (given[k] if given[k] is not None else defaults[k] for k in given)
         seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         length = max(1, round(duration * self.sample_rate / self.hop))
+        kw, keep = {}, length * self.hop
+        if control is not None:
+            condition, keep = self.control_condition(control, length, gate)
+            kw = dict(controlnet=self.controlnet, condition=condition.expand(len(prompts), -1, -1),
+                      control_scale=control_scale)
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         latents = self._sample(prompts, generators, negative, guidance, length=length, steps=steps,
-                               rescale=rescale, eta=eta, progress=progress)
-        return self.vae.decode(latents)[:, 0].cpu()
+                               rescale=rescale, eta=eta, progress=progress, **kw)
+        return self.vae.decode(latents)[:, 0, :keep].cpu()
 
     @torch.inference_mode()
     def edit(self, audio, prompt, mask_start, mask_length, boundary=2.0, steps=100, guidance=3.5, rescale=0.0,

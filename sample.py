@@ -1,9 +1,10 @@
 """
-Sample from EzAudio (arXiv 2409.10819): text to audio, and audio editing, with the released weights.
+Sample from EzAudio (arXiv 2409.10819) with the released weights: text to audio, editing, and ControlNet.
 
     python sample.py "a dog barks"                                  # EzAudio-XL, 10 s, the paper's defaults
     python sample.py "rain on a tin roof" "a cat meows" --num-samples 4 --seed 7
     python sample.py "a man speaks" --edit in.wav --mask-start 3 --mask-length 2   # regenerate 3 s to 5 s
+    python sample.py "a dog barks" --control ref.wav                # EzAudio-L following ref.wav's loudness
 
 One WAV per prompt and sample goes into --out, named <prompt>_s<seed>.wav (edits: <input>_<prompt>_s<seed>.wav).
 Sample k of each prompt uses seed --seed + k, with a generator of its own, so `--seed S` regenerates the file
@@ -36,8 +37,8 @@ def parse_args(argv=None):
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help='what to hear; "" generates unconditionally')
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="s3_xl", choices=list(E.MODELS),
-                   help=f"downloaded from the hub repo {E.HUB_REPO} on first use, then cached (default: s3_xl)")
+    g.add_argument("--model", choices=list(E.MODELS), help=f"downloaded from the hub repo {E.HUB_REPO} on first "
+                   "use, then cached (default: s3_xl; with --control s3_l, whose ControlNet is released)")
     g.add_argument("--ckpt", metavar="PATH", help="a local DiT instead: one of this project's checkpoints, or a "
                    "released-format file (EzAudio-L and XL are recognised; others need --dit-config)")
     g.add_argument("--dit-config", metavar="FILE.yml", help="EzAudio YAML config of a released-format --ckpt")
@@ -50,10 +51,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("sampling (defaults: the paper's)")
     g.add_argument("--duration", type=float, help="seconds of audio (default: 10, the toy model's 2; edits keep "
                    "the input's length)")
-    g.add_argument("--steps", type=int, default=100, help="DDIM steps, 1 to 1000 (default: 100)")
-    g.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: 5, edits 3.5, toy 1); "
-                   "0 or 1: the text alone, no guidance")
-    g.add_argument("--rescale", type=float, help="guidance rescale, 0 to 1 (default: 0.75, edits 0)")
+    g.add_argument("--steps", type=int, help="DDIM steps, 1 to 1000 (default: 100, with --control 50)")
+    g.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: 5, edits and --control 3.5, "
+                   "toy 1); 0 or 1: the text alone, no guidance")
+    g.add_argument("--rescale", type=float, help="guidance rescale, 0 to 1 (default: 0.75, edits and --control 0)")
     g.add_argument("--eta", type=float, default=1.0, help="DDIM eta: 0 deterministic, 1 ancestral (default: 1)")
     g.add_argument("--seed", type=int, default=0, help="sample k of each prompt uses seed + k (default: 0)")
     g.add_argument("--negative", default="", help='negative prompt for guidance (default: "")')
@@ -71,22 +72,39 @@ def parse_args(argv=None):
     g.add_argument("--mask-length", type=float, metavar="S", help="how long the span is, in seconds")
     g.add_argument("--boundary", type=float, default=2.0, metavar="S", help="seconds of context each side, at "
                    "most half the mask length (default: 2)")
+    g = p.add_argument_group("control: audio whose loudness follows a reference clip's (EzAudio-ControlNet)")
+    g.add_argument("--control", metavar="REF.wav", help="the reference (any rate and channels); the output is cut to "
+                   "its length")
+    g.add_argument("--control-scale", type=float, metavar="S", help="strength of the ControlNet (default: 1)")
+    g.add_argument("--gate", type=float, metavar="G", help="reference samples at or below G, after peak "
+                   "normalisation, count as silence (the published surpass_noise; default: 0)")
+    g.add_argument("--controlnet", metavar="PATH", help="a local released-format ControlNet (default: the "
+                   "model's released one, downloaded on first use)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="samples", metavar="DIR", help="folder for the WAVs (default: samples)")
     g.add_argument("--subtype", default="FLOAT", choices=["FLOAT", "PCM_16", "PCM_24"],
                    help="WAV sample format; the PCM ones clip at +-1 (default: FLOAT, 32-bit float)")
     args = p.parse_args(argv)
-    editing = args.edit is not None
-    defaults = {**E.SAMPLING, **(dict(guidance=3.5, rescale=0.0) if editing else {})}  # the paper's
+    editing, control = args.edit is not None, args.control is not None
+    args.model = args.model or ("s3_l" if control else "s3_xl")
+    # the paper's, the published pipelines' for editing and control, or the model's own
+    defaults = {**E.SAMPLING, **(E.CONTROL_SAMPLING if control else {}),
+                **(dict(guidance=3.5, rescale=0.0) if editing else {}), "control_scale": 1.0, "gate": 0.0}
     if args.ckpt is None and not editing:
         defaults.update(E.MODELS[args.model].get("sampling", {}))
-    args.cfg = args.cfg if args.cfg is not None else defaults["guidance"]
-    args.rescale = args.rescale if args.rescale is not None else defaults["rescale"]
+    defaults["cfg"] = defaults.pop("guidance")
+    given = {k: getattr(args, k) for k in ("steps", "cfg", "rescale", "control_scale", "gate")}
+    for k, v in given.items():
+        setattr(args, k, v if v is not None else defaults[k])
     problems = [
         (args.duration is not None and args.duration <= 0, "--duration must be > 0"),
         (editing and args.duration is not None, "--duration does not apply to --edit: the output keeps the "
                                                 "input's length (a mask past its end extends it)"),
         (not 1 <= args.steps <= 1000, "--steps must be 1 to 1000"),
+        (args.gate < 0, "--gate must be >= 0"),
+        (editing and control, "--control does not apply to --edit"),
+        (not control and (args.controlnet, given["control_scale"], given["gate"]) != (None, None, None),
+         "--controlnet, --control-scale and --gate need --control REF.wav"),
         (not 0 <= args.rescale <= 1, "--rescale must be 0 to 1"),
         (args.eta < 0, "--eta must be >= 0"),
         (args.num_samples < 1 or args.batch_size < 1, "--num-samples and --batch-size must be >= 1"),
@@ -148,6 +166,9 @@ def samples(model, args, prompt):
         for seed in seeds:
             yield seed, model.edit(clip, prompt, args.mask_start, args.mask_length, args.boundary, seed=seed, **kw)
         return
+    if args.control:
+        kw.update(control=read_audio(args.control, model.sample_rate), control_scale=args.control_scale,
+                  gate=args.gate)
     for i in range(0, len(seeds), args.batch_size):
         batch = seeds[i: i + args.batch_size]
         yield from zip(batch, model.generate([prompt] * len(batch), args.duration, seed=list(batch), **kw))
@@ -160,11 +181,16 @@ def main(argv=None):
     try:
         if args.edit:
             E.check_edit_mask(clip_seconds(args.edit), args.mask_start, args.mask_length, args.boundary)
+        if args.control:  # unreadable or silent: said before minutes of loading (at the released rate)
+            E.gate_reference(read_audio(args.control, E.VAE_PRESETS["released"].sample_rate), args.gate)
         model = E.EzAudio.from_pretrained(args.model, args.ckpt, args.dit_config, args.vae, args.vae_config,
-                                          args.text_encoder, args.device, DTYPES[args.dtype])
+                                          args.text_encoder, args.device, DTYPES[args.dtype],
+                                          args.controlnet or (True if args.control else None))
         if args.compile:
             model.dit.compile()
         task = f"editing {args.edit}" if args.edit else f"{args.duration:g} s"
+        if args.control:
+            task += f" following {args.control} (scale {args.control_scale:g}, gate {args.gate:g})"
         guidance = (f"CFG {args.cfg:g}, rescale {args.rescale:g}" if model.guided(args.prompts, args.cfg)
                     else "no guidance")
         print(f"{args.ckpt or args.model} on {model.device} ({args.dtype}): {task}, {args.steps} steps, {guidance}, "

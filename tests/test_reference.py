@@ -1,5 +1,5 @@
 """Parity with the published EzAudio implementation: every output recorded in the reference fixtures
-(SPEC §6) is reproduced to 1e-4 of its largest magnitude, in float32 on the CPU.
+(SPEC §6, §7) is reproduced to 1e-5 of its largest magnitude, in float32 on the CPU.
 
 Fixtures are found by pattern in $EZAUDIO_REFERENCE_DIR (default: tests/fixtures/reference), one test per file
 and output, so other fixture files of the same format, with other shapes, are checked the same way."""
@@ -25,6 +25,13 @@ def fixture(name):
 def dit_from_fixture(name):
     f = fixture(name)
     return E.load_weights(E.EzAudioDiT(E.DiTConfig.from_official(f["config"])), f["state_dict"], name).eval()
+
+
+@lru_cache(maxsize=None)
+def controlnet_from_fixture(name):
+    f = fixture(name)
+    net = E.ControlNet(E.DiTConfig.from_official(f["config"]["model"]), E.ControlConfig.from_official(f["config"]))
+    return E.load_weights(net, f["state_dict"], name).eval()
 
 
 def vae_from_fixture(name):
@@ -106,6 +113,32 @@ def sampling_output(name, key):
                                 noise=i["init_noise"], **edit)
 
 
+def controlnet_output(name, key):
+    """Every output from the fixture's audio: the energy condition is computed here, not read from the file."""
+    f, net = fixture(name), controlnet_from_fixture(name)
+    dit, i = dit_from_fixture(f["uses"]), f["inputs"]
+    energy = E.energy_envelope(i["audio"], net.control)
+    if key == "energy":
+        return energy
+    if key == "sampling":  # the fixture's text and condition: the first len(init_noise) of the inputs'
+        run, n = f["sampling"], len(i["init_noise"])
+        return E.Diffusion().sample(dit, i["context"][:n], i["context_mask"][:n], i["uncond"], i["uncond_mask"],
+                                    steps=run["steps"], guidance=run["guidance_scale"], rescale=run["guidance_rescale"],
+                                    eta=run["eta"], noise=i["init_noise"], controlnet=net, condition=energy[:n],
+                                    control_scale=run["conditioning_scale"])
+    with torch.no_grad():
+        if key == "controlnet_pre":
+            return net.controlnet_pre(energy)
+        residuals = lambda scale: net(dit.assemble_input(i["x"]), i["timesteps"], energy, i["context"],
+                                      i["context_mask"], scale)
+        if key == "dit_with_controlnet":
+            return dit(i["x"], i["timesteps"], i["context"], i["context_mask"], residuals=residuals(1.0))
+        if key.startswith("skip"):
+            index, scale = key.removeprefix("skip").split("_scale")
+            return residuals(float(scale))[int(index)]
+    raise KeyError(key)
+
+
 def cases():
     """(file, output key, function, reference tensor) for every recorded output."""
     out = []
@@ -124,6 +157,10 @@ def cases():
     for path in sorted(REF_DIR.glob("sampling_*.pt")):
         f = fixture(path.name)
         out += [(path.name, k, sampling_output, f[k]["latent"]) for k in ("generate", "edit") if k in f]
+    for path in sorted(REF_DIR.glob("controlnet_*.pt")):
+        f = fixture(path.name)
+        out += [(path.name, k, controlnet_output, v) for k, v in f["outputs"].items()]
+        out.append((path.name, "sampling", controlnet_output, f["sampling"]["latent"]))
     return out
 
 
@@ -132,7 +169,8 @@ CASES = cases()
 
 def test_fixtures_found():
     kinds = {name.split("_")[0].removesuffix(".pt") for name, *_ in CASES}
-    assert {"dit", "vae", "scheduler", "cfg", "sampling"} <= kinds, f"fixtures missing in {REF_DIR}: found {kinds}"
+    assert {"dit", "vae", "scheduler", "cfg", "sampling", "controlnet"} <= kinds, \
+        f"fixtures missing in {REF_DIR}: found {kinds}"
 
 
 @pytest.mark.parametrize("name,key,compute,ref", CASES, ids=[f"{c[0]}:{c[1]}" for c in CASES])
