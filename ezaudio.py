@@ -807,24 +807,34 @@ def pad_and_concat(a, a_mask, b, b_mask):
 # 7. Training objective: span masking and the masked velocity loss (paper Sec. II-C)
 
 
-def span_mask(batch, length, cfg, generator=None, device=None, mae_prob=None):
-    """Per sample, with probability `mae_prob`: mask about ratio * length / span spans of `span` frames at random
-    starts (overlaps allowed), ratio ~ U(mask_ratio); otherwise mask every frame (plain generation).
-    Returns (B, 1, L) bool, True = frames the model must generate (and the loss sees)."""
-    mae_prob = cfg.mae_prob if mae_prob is None else mae_prob
-    span = min(cfg.mask_span, length)
-    lo, hi = cfg.mask_ratio
+def random_spans(batch, length, span, ratio, generator=None, device=None):
+    """(B, L) bool: about r * length / span spans of `span` frames at random starts (overlaps allowed), r ~ U(ratio)
+    per sample."""
+    span, (lo, hi) = min(span, length), ratio
     rand = lambda *shape: torch.rand(shape, generator=generator, device=device)
-    ratio = lo + (hi - lo) * rand(batch)
-    n_spans = (ratio * length / span).round().clamp(min=1).long()  # (B,)
+    n_spans = ((lo + (hi - lo) * rand(batch)) * length / span).round().clamp(min=1).long()  # (B,)
     max_spans = math.ceil(hi * length / span)
     starts = (rand(batch, max_spans) * (length - span + 1)).long()  # (B, S)
     used = torch.arange(max_spans, device=device)[None] < n_spans[:, None]  # (B, S)
     frames = torch.arange(length, device=device)[None, None]  # (1, 1, L)
-    inside = (frames >= starts[..., None]) & (frames < starts[..., None] + span) & used[..., None]  # (B, S, L)
-    spans = inside.any(1)
-    full = rand(batch) >= mae_prob
+    return ((frames >= starts[..., None]) & (frames < starts[..., None] + span) & used[..., None]).any(1)
+
+
+def span_mask(batch, length, cfg, generator=None, device=None, mae_prob=None):
+    """Per sample, with probability `mae_prob`: random spans of cfg.mask_span frames covering about a ratio
+    ~ U(cfg.mask_ratio) of them; otherwise every frame (plain generation).
+    Returns (B, 1, L) bool, True = frames the model must generate (and the loss sees)."""
+    mae_prob = cfg.mae_prob if mae_prob is None else mae_prob
+    spans = random_spans(batch, length, cfg.mask_span, cfg.mask_ratio, generator, device)
+    full = torch.rand(batch, generator=generator, device=device) >= mae_prob
     return (spans | full[:, None])[:, None]
+
+
+def condition_mask(batch, frames, generator=None, device=None, prob=0.25, ratio=(0.25, 0.5), span=10):
+    """Which condition frames a ControlNet in training does not see (SPEC §7): with probability `prob`, random spans
+    of `span` frames covering a ratio ~ U(ratio) of them; otherwise none. (B, 1, F) bool, True = hidden."""
+    spans = random_spans(batch, frames, span, ratio, generator, device)
+    return (spans & (torch.rand(batch, generator=generator, device=device) < prob)[:, None])[:, None]
 
 
 def masked_mse(pred, target, mask):
@@ -835,14 +845,18 @@ def masked_mse(pred, target, mask):
 
 
 def diffusion_loss(dit, diffusion, x0, context=None, context_mask=None, generator=None, mae_prob=None,
-                   min_timestep=0):
+                   min_timestep=0, controlnet=None, condition=None, condition_mask=None):
     """The training loss of one batch of clean latents x0 (B, C, L): timesteps uniform on [min_timestep, T) (the
-    paper's: all of them), span-masked input, v-prediction MSE on the masked frames."""
+    paper's: all of them), span-masked input, v-prediction MSE on the masked frames. With a `controlnet` and its
+    `condition` (B, 1, F), the DiT is steered by the ControlNet's residuals, as in sampling."""
     B, C, L = x0.shape
     t = torch.randint(min_timestep, diffusion.num_train_timesteps, (B,), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     mask = span_mask(B, L, dit.cfg, generator, x0.device, mae_prob)
-    v = dit(diffusion.add_noise(x0, noise, t), t, context, context_mask, gt=x0, mask=mask)
+    x_t = diffusion.add_noise(x0, noise, t)
+    residuals = None if controlnet is None else controlnet(
+        dit.assemble_input(x_t, x0, mask), t, condition, context, context_mask, condition_mask=condition_mask)
+    v = dit(x_t, t, context, context_mask, gt=x0, mask=mask, residuals=residuals)
     return masked_mse(v, diffusion.velocity(x0, noise, t), mask)
 
 
@@ -946,11 +960,11 @@ def load_weights(module, state_dict, what="checkpoint"):
     return module
 
 
-def unset_module(cls, cfg):
-    """`cls(cfg)` with its weights allocated on the CPU but not initialised, for load_weights to fill (it checks
+def unset_module(cls, *cfg):
+    """`cls(*cfg)` with its weights allocated on the CPU but not initialised, for load_weights to fill (it checks
     that every key is there): the random initialisation of the XL DiT alone takes longer than reading its file."""
     with torch.device("meta"):
-        module = cls(cfg)
+        module = cls(*cfg)
     return module.to_empty(device="cpu")
 
 
@@ -998,15 +1012,20 @@ def check_controlnet_fits(latent_dim, dim, blocks, dit_cfg, name):
 
 
 def controlnet_from_checkpoint(ckpt, dit_cfg, name="checkpoint"):
-    """A ControlNet for the DiT of config `dit_cfg` from a loaded released-format file ({'model': state_dict}, as
-    ckpts/controlnet/s3_l_energy.pt); its condition is the released energy envelope (ControlConfig's defaults)."""
+    """A ControlNet for the DiT of config `dit_cfg` from a loaded file: released ({'model': state_dict}, as
+    ckpts/controlnet/s3_l_energy.pt, whose condition is ControlConfig's defaults) or train.py's control stage (its
+    EMA when it kept one, and its own ControlConfig)."""
+    control = None
+    if is_project_checkpoint(ckpt) and ckpt["stage"] == "control":
+        control = config_from_dict(ControlConfig, ckpt["config"]["control"])
+        ckpt = {"model": ckpt["ema"] or ckpt["model"]}
     state = ckpt.get("model") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not {"patch_embed.proj.weight", "controlnet_pre.conv_in.weight"} <= state.keys():
         raise CheckpointError(f"{name}: not a ControlNet checkpoint (expected 'model' with controlnet_pre keys)")
     dim, channels = state["patch_embed.proj.weight"].shape[:2]  # channels: 2C + 1
     blocks = sum(k.startswith("controlnet_zero_blocks.") and k.endswith(".weight") for k in state)
     check_controlnet_fits((channels - 1) // 2, dim, blocks, dit_cfg, name)
-    return load_weights(unset_module(ControlNet, dit_cfg), state, name)
+    return load_weights(unset_module(ControlNet, dit_cfg, control), state, name)
 
 
 # -----------------------------------------------------------------------------
@@ -1179,6 +1198,9 @@ class EzAudio:
                 ckpt, dit_config = hub_file(spec["hub_file"], "--ckpt"), dit_config or DIT_PRESETS[spec["dit"]]
                 text_encoder = text_encoder or spec["text_encoder"]
         ck = load_file(ckpt)
+        if is_project_checkpoint(ck) and ck["stage"] == "control":  # train.py's ControlNet names the DiT it steers
+            controlnet, ckpt = controlnet if isinstance(controlnet, (str, os.PathLike)) else ckpt, ck["config"]["base"]
+            ck = load_file(ckpt)
         config = ck["config"] if is_project_checkpoint(ck) else {}
         if isinstance(dit_config, (str, os.PathLike)):
             dit_config = read_config(dit_config, "dit")

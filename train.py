@@ -60,7 +60,10 @@ STAGES = {
     "1": dict(max_steps=100_000, lr=1e-4),
     "2": dict(max_steps=50_000, lr=5e-5, mae_prob=0.1, min_clap=0.40),
     "3": dict(max_steps=30_000, lr=1e-5),
+    # ours: the published code trains no ControlNet. Controlled generation masks the whole latent (mae_prob 0)
+    "control": dict(max_steps=30_000, lr=1e-5, mae_prob=0.0),
 }
+TEXT_STAGES = ("2", "3", "control")  # the stages that read captions
 # the T5 each preset was released with; a callable builds a small encoder that checkpoints carry inside
 DEFAULT_TEXT_ENCODERS = ({m["dit"]: m["text_encoder"] for m in E.MODELS.values() if "dit" in m}
                          | {"toy": E.toy_text_encoder})
@@ -71,7 +74,8 @@ def parser():
                                 epilog="Defaults are the paper's, and the released recipe's for the VAE.")
     a = p.add_argument_group('what to train').add_argument
     a("--stage", choices=list(STAGES), help="vae: the waveform VAE; 1: masked diffusion on unlabeled audio; "
-                                            "2: add text, CLAP-filtered synthetic captions; 3: human captions")
+                                            "2: add text, CLAP-filtered synthetic captions; 3: human captions; "
+                                            "control: an energy ControlNet beside the frozen DiT of --init-from")
     a("--config", help=f"model preset: {', '.join(E.DIT_PRESETS)} (for the VAE stage: {', '.join(E.VAE_PRESETS)}, "
                        "other names mean released); default XL, or the --init-from checkpoint's")
     a("--init-from", help="checkpoint to start from: stage 1's for stage 2, stage 2's for stage 3 (both required; "
@@ -173,6 +177,8 @@ def settings(argv=None):
             fail(f"{path} exists; pass --resume to continue that run, or another --run-dir")
         resumed = {k: v for k, v in (saved["config"]["train"] if saved else {}).items() if v is not None}
         init_from = given.get("init_from", resumed.get("init_from"))
+        if stage == "control" and init_from in (None, "scratch"):
+            fail("a ControlNet trains beside a trained DiT: pass its checkpoint (or a released file) with --init-from")
         if stage in ("2", "3") and not init_from and not saved:  # a forgotten flag would cost a whole run, silently
             fail(f"stage {stage} continues stage {int(stage) - 1}: pass its checkpoint with --init-from "
                  f"(e.g. runs/stage{int(stage) - 1}/ckpt.pt), or --init-from scratch to start from random weights")
@@ -391,15 +397,18 @@ class VAEObjective(nn.Module):
 
 
 class DiffusionObjective(nn.Module):
-    """The masked-diffusion loss (paper Sec. II-C) as one module, so that DDP wraps a single forward."""
+    """The masked-diffusion loss (paper Sec. II-C) as one module, so that DDP wraps a single forward. With a
+    ControlNet (SPEC §7), the DiT is steered by it, and random spans of each condition are hidden from it."""
 
-    def __init__(self, dit, min_timestep=0):
+    def __init__(self, dit, min_timestep=0, controlnet=None):
         super().__init__()
-        self.dit, self.diffusion, self.min_timestep = dit, E.Diffusion(), min_timestep
+        self.dit, self.diffusion, self.min_timestep, self.controlnet = dit, E.Diffusion(), min_timestep, controlnet
 
-    def forward(self, x0, context, context_mask, generator):
+    def forward(self, x0, context, context_mask, generator, condition=None):
+        hidden = None if condition is None else E.condition_mask(len(x0), condition.shape[-1], generator, x0.device)
         loss = E.diffusion_loss(self.dit, self.diffusion, x0, context, context_mask, generator,
-                                min_timestep=self.min_timestep)
+                                min_timestep=self.min_timestep, controlnet=self.controlnet, condition=condition,
+                                condition_mask=hidden)
         return loss, {"loss": loss.detach()}
 
 
@@ -489,10 +498,10 @@ def slug(text):
 
 
 @torch.no_grad()
-def write_samples(folder, dit, vae, text_encoder, prompts, frames, steps, amp):
+def write_samples(folder, dit, vae, text_encoder, prompts, frames, steps, amp, controlnet=None, condition=None):
     """Preview clips for fixed prompts (unconditional in stage 1): the paper's CFG, rescale and eta, and `steps`
-    DDIM steps (--sample-steps)."""
-    device = next(dit.parameters()).device
+    DDIM steps (--sample-steps); steered by a ControlNet's `condition` (B, 1, F) when given."""
+    device, training = next(dit.parameters()).device, dit.training
     dit.eval()
     diffusion = E.Diffusion().to(device)
     generator = torch.Generator(device).manual_seed(0)
@@ -504,12 +513,12 @@ def write_samples(folder, dit, vae, text_encoder, prompts, frames, steps, amp):
         negative, prompts = (None, None), [""] * len(prompts)
     with amp:
         latents = diffusion.sample(dit, context, mask, *negative, length=frames, steps=steps, generator=generator,
-                                   batch=len(prompts))
+                                   batch=len(prompts), controlnet=controlnet, condition=condition)
         audio = vae.decode(latents).float().cpu()[:, 0]
     os.makedirs(folder, exist_ok=True)
     for i, (clip, prompt) in enumerate(zip(audio, prompts)):
         sf.write(os.path.join(folder, f"{i}_{slug(prompt)}.wav"), clip.numpy(), vae.cfg.sample_rate)
-    dit.train()
+    dit.train(training)
 
 
 @torch.no_grad()
@@ -629,12 +638,14 @@ def read_data(args):
     try:
         meta = data.read_cache_meta(args.cache) if args.cache else None
         rows = data.read_manifest(args.manifest, args.data_root, args.split, args.min_clap,
-                                  captions=args.stage in ("2", "3"))
+                                  captions=args.stage in TEXT_STAGES)
     except ValueError as e:
         fail(e)
     if args.stage == "vae" and meta:
         fail("the VAE stage trains on audio; leave out --cache")
-    if args.stage in ("2", "3") and meta and meta["empty"] is None:
+    if args.stage == "control" and meta:
+        fail("the control stage reads audio, whose loudness is its condition; leave out --cache")
+    if args.stage in TEXT_STAGES and meta and meta["empty"] is None:
         fail(f"{args.cache} holds no T5 outputs; make it with `python data.py cache --text-encoder ...`")
     return rows, meta
 
@@ -695,7 +706,7 @@ class DiTStage:
         if meta and args.vae and os.path.abspath(args.vae) != meta["vae_path"]:  # the cached latents are its VAE's
             fail(f"{args.cache} holds latents of the VAE {meta['vae_path']}, but this run's is {args.vae} (--vae, or "
                  "--init-from's); make a cache with that VAE, or train on this cache with its own")
-        if meta and args.stage in ("2", "3") and args.text_encoder and args.text_encoder != meta["text_encoder"]:
+        if meta and args.stage in TEXT_STAGES and args.text_encoder and args.text_encoder != meta["text_encoder"]:
             fail(f"{args.cache} holds T5 outputs of {meta['text_encoder'] or 'an embedded encoder'}, but this "
                  f"run's text encoder is {args.text_encoder}; make a cache with it, or train with the cache's own")
         self.vae = self.text_encoder = self.text_name = self.text_state = None
@@ -709,7 +720,7 @@ class DiTStage:
             self.vae = self.vae.to(device)
         self.vae_cfg = self.vae.cfg if self.vae is not None else E.config_from_dict(E.VAEConfig, meta["vae"])
         context_dim = 0
-        if args.stage in ("2", "3"):
+        if args.stage in TEXT_STAGES:
             source = saved or (init if E.is_project_checkpoint(init) else None)
             self.text_name, self.text_state = ((meta["text_encoder"], meta["text_encoder_state"]) if meta
                                                else text_encoder_source(args, source))
@@ -717,15 +728,19 @@ class DiTStage:
                 self.text_encoder, self.text_name, self.text_state = load_text_encoder(self.text_name, self.text_state)
                 self.text_encoder = self.text_encoder.to(device)
             context_dim = self.text_encoder.dim if self.text_encoder is not None else meta["empty"].shape[-1]
-        self.dit = build_dit(args, context_dim, init, saved)
+        self.build(args, saved, init, context_dim, device)
         if self.dit.cfg.latent_dim != self.vae_cfg.latent_dim:
             fail(f"the VAE's latent_dim {self.vae_cfg.latent_dim} does not match the DiT's {self.dit.cfg.latent_dim}; "
                  "pass the matching --vae (and --vae-config)")
-        self.objective = DiffusionObjective(self.dit, args.min_timestep).to(device)
-        self.ema = EMA(self.dit, args.ema) if args.ema > 0 else None
-        self.models, self.lrs = [self.dit], [args.lr]
+        self.ema = EMA(self.models[0], args.ema) if args.ema > 0 else None
         self.empty = meta["empty"].float() if meta and meta["empty"] is not None else None
         self.text_dropout = args.text_dropout
+
+    def build(self, args, saved, init, context_dim, device):
+        """The model that trains, and its objective."""
+        self.dit = build_dit(args, context_dim, init, saved)
+        self.objective = DiffusionObjective(self.dit, args.min_timestep).to(device)
+        self.models, self.lrs = [self.dit], [args.lr]
 
     def inputs(self, batch, generator, device):
         """x0 (B, C, L) sampled from each clip's posterior, and the captions' context (B, Lc, D) and mask."""
@@ -738,22 +753,62 @@ class DiTStage:
 
     def after_step(self):
         if self.ema:
-            self.ema.update(self.dit)
+            self.ema.update(self.models[0])
 
     def weights(self):
         return {"config": {"dit": asdict(self.dit.cfg), "vae": asdict(self.vae_cfg), "vae_path": self.vae_path,
                            "text_encoder": self.text_name},
-                "model": self.dit.state_dict(), "ema": self.ema.model.state_dict() if self.ema else None,
+                "model": self.models[0].state_dict(), "ema": self.ema.model.state_dict() if self.ema else None,
                 "vae": None, "discriminator": None, "text_encoder": self.text_state}
 
     def load(self, saved, name):
-        E.load_weights(self.dit, saved["model"], name)
+        E.load_weights(self.models[0], saved["model"], name)
         if self.ema:
             E.load_weights(self.ema.model, saved["ema"] or saved["model"], name)
 
     def preview(self, folder, dataset, args, autocast):
         write_samples(folder, self.ema.model if self.ema else self.dit, self.vae, self.text_encoder,
                       args.sample_prompts, dataset.frames, args.sample_steps, autocast())
+
+
+class ControlStage(DiTStage):
+    """EzAudio-ControlNet (SPEC §7), trained beside the frozen DiT of --init-from: a copy of the DiT's input half
+    that learns to steer it by each clip's energy envelope, with random spans of it hidden so that the text still
+    counts. On audio, which the condition is computed from. Its checkpoint holds the ControlNet as `model` and
+    names the DiT (`config["base"]`)."""
+
+    def build(self, args, saved, init, context_dim, device):
+        self.base = saved["config"]["base"] if saved else os.path.abspath(args.init_from)
+        try:  # a resumed run reloads the DiT it names
+            base = init if init is not None else E.load_file(self.base)
+        except E.CheckpointError as e:
+            fail(e)
+        self.dit = build_dit(args, context_dim, base, None).to(device).eval().requires_grad_(False)
+        # the energy envelope at twice the latent rate, as the released ControlNet's: hop 240, window 1920 at 24 kHz
+        self.control = E.ControlConfig(hop=self.vae_cfg.hop // 2, window=4 * self.vae_cfg.hop)
+        self.controlnet = E.ControlNet.from_dit(self.dit, self.control)
+        self.objective = DiffusionObjective(self.dit, args.min_timestep, self.controlnet).to(device)
+        self.models, self.lrs = [self.controlnet], [args.lr]
+        self.clips = None  # the references and captions of the previews
+
+    def inputs(self, batch, generator, device):
+        """DiTStage's, and the clips' energy envelopes (B, 1, 2L)."""
+        return *super().inputs(batch, generator, device), E.energy_envelope(batch["audio"].to(device), self.control)
+
+    def weights(self):
+        weights = super().weights()
+        weights["config"].update(base=self.base, control=asdict(self.control))
+        return weights
+
+    def preview(self, folder, dataset, args, autocast):
+        """Samples for the first clips' captions that follow the clips' loudness."""
+        if self.clips is None:
+            batch = data.collate([dataset[i] for i in range(min(4, len(dataset)))])
+            audio = batch["audio"].to(self.dit.mask_embed.device)
+            self.clips = E.energy_envelope(audio, self.control), batch["caption"]
+        condition, captions = self.clips
+        write_samples(folder, self.dit, self.vae, self.text_encoder, captions, dataset.frames, args.sample_steps,
+                      autocast(), self.ema.model if self.ema else self.controlnet, condition)
 
 
 def load_dataset(args, rows, meta, vae_cfg, world):
@@ -910,7 +965,7 @@ def save(stage, optimizers, scaler, generator, step, position, args, rank, world
         return
     weights = stage.weights()
     weights["config"]["train"] = vars(args)
-    ckpt = {"format": "ezaudio", "stage": args.stage if args.stage == "vae" else int(args.stage), "step": step,
+    ckpt = {"format": "ezaudio", "stage": int(args.stage) if args.stage.isdigit() else args.stage, "step": step,
             **weights, "optimizer": [o.state_dict() for o in optimizers], "scaler": scaler.state_dict(),
             "rng": rngs, "data": {**position, "world_size": world, "batch_size": args.batch_size}}
     path = os.path.join(args.run_dir, "ckpt.pt")
@@ -939,8 +994,10 @@ def train(args, saved, init, rank, world, device):
     autocast, scaler, amp_dtype = precision(args.dtype, device)
     rows, meta = read_data(args)
     preview = master and args.sample_every > 0
-    stage = (VAEStage(args, saved, init, device) if args.stage == "vae"
-             else DiTStage(args, saved, init, meta, preview, device))
+    if args.stage == "vae":
+        stage = VAEStage(args, saved, init, device)
+    else:
+        stage = (ControlStage if args.stage == "control" else DiTStage)(args, saved, init, meta, preview, device)
     dataset = load_dataset(args, rows, meta, stage.vae_cfg, world)
     optimizers = [adamw(m, lr, args) for m, lr in zip(stage.models, stage.lrs)]
     log = Log(args, master, world, dataset.frames, device)

@@ -497,3 +497,57 @@ def test_sigterm_saves_and_the_run_resumes(clips, tmp_path, official_vae_ckpt):
     assert step >= 2 and f"stopped by SIGTERM at step {step}" in (run / "log.txt").read_text()
     train.main(["--resume", "--run-dir", str(run), "--max-steps", str(step + 1)])
     assert load(run / "ckpt.pt")["step"] == step + 1
+
+
+# -----------------------------------------------------------------------------
+# the control stage: an energy ControlNet beside a frozen DiT
+
+
+@pytest.fixture(scope="module")
+def stage3(stage1, clips, text_encoder_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "stage3"
+    train.main(["--stage", "3", "--manifest", str(clips), "--init-from", str(stage1), "--text-encoder",
+                str(text_encoder_dir), "--run-dir", str(run), "--max-steps", "1", *FAST])
+    return run / "ckpt.pt"
+
+
+def test_the_control_stage_trains_a_controlnet_beside_the_frozen_dit_and_resumes_exactly(stage3, clips, tmp_path):
+    common = ["--stage", "control", "--manifest", str(clips), "--init-from", str(stage3), "--lr", "1e-2",
+              "--ema", "0.5", *FAST]
+    train.main([*common, "--run-dir", str(tmp_path / "a"), "--max-steps", "4", "--sample-every", "4",
+                "--sample-steps", "2"])
+    train.main([*common, "--run-dir", str(tmp_path / "b"), "--max-steps", "2"])
+    train.main(["--resume", "--run-dir", str(tmp_path / "b"), "--max-steps", "4"])
+    a, b = load(tmp_path / "a" / "ckpt.pt"), load(tmp_path / "b" / "ckpt.pt")
+    assert (a["stage"], a["step"], a["config"]["base"]) == ("control", 4, str(stage3))
+    assert a["config"]["control"]["hop"] == 4 and a["config"]["control"]["window"] == 32  # the tiny VAE's hop 8
+    dit_cfg = E.config_from_dict(E.DiTConfig, a["config"]["dit"])
+    assert a["model"].keys() == E.ControlNet(dit_cfg).state_dict().keys()  # the ControlNet alone, not the DiT
+    assert a["model"]["controlnet_zero_blocks.0.weight"].abs().max() > 0  # it learned from its zero start
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert len(a["optimizer"][0]["state"]) == sum(1 for _ in E.ControlNet(dit_cfg).parameters())  # the DiT is frozen
+    assert len(list((tmp_path / "a" / "samples" / "step0000004").iterdir())) == 4  # previews of the first clips
+    # sample.py takes the run as --ckpt: the DiT it names, steered by the ControlNet's EMA
+    pipe = E.EzAudio.from_pretrained(ckpt=tmp_path / "a" / "ckpt.pt", device="cpu")
+    assert pipe.controlnet is not None and pipe.controlnet.control.hop == 4
+    torch.testing.assert_close(pipe.controlnet.controlnet_pre.conv_out.weight, a["ema"]["controlnet_pre.conv_out.weight"])
+    reference = torch.sin(torch.linspace(0, 300, 2400)) * (torch.arange(2400) < 1200)
+    assert pipe.generate(["a tone"], duration=0.1, steps=2, control=reference).shape == (1, 2400)
+
+
+def test_the_control_stage_needs_a_dit_and_audio(clips, tmp_path):
+    with pytest.raises(SystemExit, match="ControlNet trains beside a trained DiT: pass its checkpoint"):
+        train.settings(["--stage", "control", "--manifest", str(clips), "--run-dir", str(tmp_path / "c")])
+
+
+@pytest.mark.slow
+def test_torchrun_trains_a_controlnet_on_two_ranks(stage3, clips, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), "--stage", "control", "--manifest", str(clips), "--init-from", str(stage3),
+           "--run-dir", str(run), "--max-steps", "2", "--accum", "2", *FAST]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=python_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-20000:]
+    assert "the 2 replicas hold identical weights" in (run / "log.txt").read_text()
+    assert load(run / "ckpt.pt")["stage"] == "control"
