@@ -1016,7 +1016,7 @@ def controlnet_from_checkpoint(ckpt, dit_cfg, name="checkpoint"):
     ckpts/controlnet/s3_l_energy.pt, whose condition is ControlConfig's defaults) or train.py's control stage (its
     EMA when it kept one, and its own ControlConfig)."""
     control = None
-    if is_project_checkpoint(ckpt) and ckpt["stage"] == "control":
+    if is_project_checkpoint(ckpt) and ckpt.get("stage") == "control":
         control = config_from_dict(ControlConfig, ckpt["config"]["control"])
         ckpt = {"model": ckpt["ema"] or ckpt["model"]}
     state = ckpt.get("model") if isinstance(ckpt, dict) else None
@@ -1198,7 +1198,7 @@ class EzAudio:
                 ckpt, dit_config = hub_file(spec["hub_file"], "--ckpt"), dit_config or DIT_PRESETS[spec["dit"]]
                 text_encoder = text_encoder or spec["text_encoder"]
         ck = load_file(ckpt)
-        if is_project_checkpoint(ck) and ck["stage"] == "control":  # train.py's ControlNet names the DiT it steers
+        if is_project_checkpoint(ck) and ck.get("stage") == "control":  # train.py's ControlNet names the DiT it steers
             controlnet, ckpt = controlnet if isinstance(controlnet, (str, os.PathLike)) else ckpt, ck["config"]["base"]
             ck = load_file(ckpt)
         config = ck["config"] if is_project_checkpoint(ck) else {}
