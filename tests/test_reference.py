@@ -122,7 +122,8 @@ def controlnet_output(name, key):
         return energy
     if key == "sampling":  # the fixture's text and condition: the first len(init_noise) of the inputs'
         run, n = f["sampling"], len(i["init_noise"])
-        return E.Diffusion().sample(dit, i["context"][:n], i["context_mask"][:n], i["uncond"], i["uncond_mask"],
+        uncond, uncond_mask = i["uncond"].expand(n, -1, -1), i["uncond_mask"].expand(n, -1)
+        return E.Diffusion().sample(dit, i["context"][:n], i["context_mask"][:n], uncond, uncond_mask,
                                     steps=run["steps"], guidance=run["guidance_scale"], rescale=run["guidance_rescale"],
                                     eta=run["eta"], noise=i["init_noise"], controlnet=net, condition=energy[:n],
                                     control_scale=run["conditioning_scale"])
