@@ -1077,13 +1077,18 @@ def read_config(path, kind):
         raise CheckpointError(f"{path}: not {what} ({type(e).__name__}: {str(e).partition(chr(10))[0]})") from None
 
 
-def released_controlnet(model, what):
-    """The hub file of the released ControlNet of MODELS[model], else a CheckpointError saying that `what` has none."""
+def model_controlnet(model, what):
+    """The ControlNet file of MODELS[model], else a CheckpointError saying that `what` has none."""
     if model not in MODELS or "controlnet" not in MODELS[model]:
         fits = ", ".join(f"--model {name}" for name, spec in MODELS.items() if "controlnet" in spec)
-        raise CheckpointError(f"{what} has no released ControlNet (there is one for {fits}); pass one with "
+        raise CheckpointError(f"{what} has no ControlNet of its own (there is one for {fits}); pass one with "
                               "--controlnet")
     return MODELS[model]["controlnet"]
+
+
+def local_file(path):
+    """A path relative to this file's folder, where the toy model ships."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
 
 
 def guess_released_model(state):
@@ -1185,15 +1190,15 @@ class EzAudio:
           controlnet    True: the released ControlNet of the model (EzAudio-L's, downloaded on first use), also of a
                         --ckpt with the released model's shapes; or a local released-format ControlNet file"""
         device = usable_device(device, dtype)  # before minutes of loading
-        released = sampling = None
+        known = sampling = None  # the name in MODELS of the DiT, given or recognised by its shapes
         if ckpt is None:
             if model not in MODELS:
                 raise CheckpointError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
-            spec, sampling = MODELS[model], MODELS[model].get("sampling")
+            known, spec, sampling = model, MODELS[model], MODELS[model].get("sampling")
             if controlnet is True:
-                released_controlnet(model, f"the model {model}")  # before the DiT's download
+                model_controlnet(model, f"the model {model}")  # before the DiT's download
             if "file" in spec:
-                ckpt = os.path.join(os.path.dirname(os.path.abspath(__file__)), spec["file"])
+                ckpt = local_file(spec["file"])
             else:
                 ckpt, dit_config = hub_file(spec["hub_file"], "--ckpt"), dit_config or DIT_PRESETS[spec["dit"]]
                 text_encoder = text_encoder or spec["text_encoder"]
@@ -1205,13 +1210,14 @@ class EzAudio:
         if isinstance(dit_config, (str, os.PathLike)):
             dit_config = read_config(dit_config, "dit")
         if not config and isinstance(ck, dict) and isinstance(ck.get("model"), dict):
-            released = guess_released_model(ck["model"])  # the name in MODELS of a released DiT's shapes, or None
-            if released is not None and dit_config is None:
-                dit_config = DIT_PRESETS[MODELS[released]["dit"]]
-                text_encoder = text_encoder or MODELS[released]["text_encoder"]
+            known = guess_released_model(ck["model"])
+            if known is not None and dit_config is None:
+                dit_config = DIT_PRESETS[MODELS[known]["dit"]]
+                text_encoder = text_encoder or MODELS[known]["text_encoder"]
         dit = dit_from_checkpoint(ck, dit_config, ckpt)
         if controlnet is True:
-            controlnet = hub_file(released_controlnet(released, ckpt), "--controlnet")
+            name = model_controlnet(known, ckpt)
+            controlnet = local_file(name) if "file" in MODELS[known] else hub_file(name, "--controlnet")
         if controlnet is not None:
             controlnet = controlnet_from_checkpoint(load_file(controlnet), dit.cfg, controlnet)
         if isinstance(vae_config, (str, os.PathLike)):

@@ -281,7 +281,43 @@ def make_world(out, n_train, n_test, seed=0, paraphrase_prob=0.3):
 
 
 # -----------------------------------------------------------------------------
-# 5. Pictures: spectrograms of clips, as a PNG written with numpy and zlib
+# 5. Following a reference: does a ControlNet's sample get louder and quieter where its reference does?
+
+
+def envelope(audio, sr=SAMPLE_RATE, frame=0.02, floor_db=60.0):
+    """Loudness of 20 ms frames in dB, floored `floor_db` under the clip's loudest frame. (T,) -> (T // 320,)"""
+    n = int(sr * frame)
+    audio = np.asarray(audio, np.float64)
+    db = 10 * np.log10(np.square(audio[: len(audio) // n * n]).reshape(-1, n).mean(1) + 1e-20)
+    return np.maximum(db, db.max() - floor_db)
+
+
+def follows(sample, reference):
+    """The correlation of a sample's 20 ms energy envelope with its reference's (over the shorter of the two):
+    1 where they rise and fall together, 0 where the sample ignores the reference (or one of them is flat)."""
+    a, b = envelope(sample), envelope(reference)
+    n = min(len(a), len(b))
+    a, b = a[:n] - a[:n].mean(), b[:n] - b[:n].mean()
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum())) if a.any() and b.any() else 0.0
+
+
+def follow_scores(pipe, world, clips, steps=50, batch=8):
+    """How well `pipe` follows references it never trained on: the first `clips` test clips of a world made by
+    `make`, each sampled for its own caption with the clip as its control and, with the same seed, without.
+    Returns the two lists of `follows`."""
+    rows = read_manifest(Path(world) / "manifest.csv", split="test", captions=True)[:clips]
+    with_control, without = [], []
+    for i in tqdm(range(0, len(rows), batch), desc="follow", unit="batch", leave=False):
+        for k, row in enumerate(rows[i:i + batch], i):
+            reference = read_audio(row["path"], pipe.sample_rate)
+            kw = dict(duration=len(reference) / pipe.sample_rate, steps=steps, seed=k)
+            with_control.append(follows(pipe.generate([row["caption"]], control=reference, **kw)[0], reference))
+            without.append(follows(pipe.generate([row["caption"]], **kw)[0], reference))
+    return with_control, without
+
+
+# -----------------------------------------------------------------------------
+# 6. Pictures: spectrograms of clips, as a PNG written with numpy and zlib
 #
 # Levels are absolute (0 dB: a sine at the world's peak), so that a quiet clip looks quiet.
 
@@ -340,23 +376,28 @@ def spectrogram_folder(folder, out, columns=3, gap=4):
 
 
 # -----------------------------------------------------------------------------
-# 6. Packing a trained model into one small file
+# 7. Packing a trained model into one small file
 
 def pack(path, out):
     """One file that samples with no other: a DiT-stage checkpoint's DiT (its EMA when it kept one), the VAE that
     its config names and its embedded text encoder, in half precision, without the training state. This is how
-    assets/toy.pt was made; loading casts the weights back to float32."""
+    assets/toy.pt was made; loading casts the weights back to float32. A control stage's checkpoint packs to its
+    ControlNet alone (assets/toy_control.pt), to be loaded beside its DiT."""
+    half = lambda state: {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     try:
         ckpt = E.load_file(path)
         if not E.is_project_checkpoint(ckpt) or ckpt["config"].get("dit") is None:
             raise E.CheckpointError(f"{path}: not a DiT-stage checkpoint of train.py")
+        if ckpt["stage"] == "control":
+            return save_atomic({"format": "ezaudio", "stage": "control", "step": ckpt["step"],
+                                "config": {**ckpt["config"], "base": None, "vae_path": None},
+                                "model": half(ckpt["ema"] or ckpt["model"]), "ema": None}, out)
         vae = ckpt["vae"]  # None in a DiT stage's: its config names the VAE file, maybe in the released format
         if vae is None:
             cfg = E.config_from_dict(E.VAEConfig, ckpt["config"]["vae"])
             vae = load_vae(ckpt["config"]["vae_path"], cfg)[0].state_dict()
     except E.CheckpointError as e:
         raise ValueError(str(e)) from None
-    half = lambda state: {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     text = ckpt["text_encoder"] and {**ckpt["text_encoder"], "state_dict": half(ckpt["text_encoder"]["state_dict"])}
     save_atomic({"format": "ezaudio", "stage": ckpt["stage"], "step": ckpt["step"],
                  "config": {**ckpt["config"], "vae_path": None}, "model": half(ckpt["ema"] or ckpt["model"]),
@@ -364,7 +405,14 @@ def pack(path, out):
 
 
 # -----------------------------------------------------------------------------
-# 7. Command line: python toy.py {make,score,spectrogram,pack} ...
+# 8. Command line: python toy.py {make,score,follow,spectrogram,pack} ...
+
+
+def print_follow(with_control, without):
+    mean = lambda xs: sum(xs) / len(xs)
+    better = sum(a > b for a, b in zip(with_control, without))
+    print(f"envelope correlation with the reference over {len(without)} clips: {mean(with_control):.3f} with "
+          f"control, {mean(without):.3f} without; control higher for {better} of {len(without)}")
 
 
 def parser():
@@ -381,6 +429,12 @@ def parser():
     p.add_argument("folder", help="folder of WAVs with a manifest.csv, or with captions as file names")
     p.add_argument("--split", default=None, help="score only the manifest rows of this split (e.g. test)")
     p.set_defaults(run=lambda a: print(format_scores(score_folder(a.folder, a.split))))
+    p = sub.add_parser("follow", help="how well the toy model's ControlNet follows the loudness of test clips")
+    p.add_argument("world", help="folder made by `make` whose test clips serve as references")
+    p.add_argument("--clips", type=int, default=42, help="how many test clips (default: 42, two of each class)")
+    p.add_argument("--controlnet", default=True, help="a ControlNet file (default: the toy model's own)")
+    p.set_defaults(run=lambda a: print_follow(*follow_scores(E.EzAudio.from_pretrained(
+        "toy", device="cpu", controlnet=a.controlnet), a.world, a.clips)))
     p = sub.add_parser("spectrogram", help="draw the WAVs of a folder as spectrograms in one PNG")
     p.add_argument("folder", help="folder of WAVs, drawn in the order of their names")
     p.add_argument("--out", required=True, help="PNG file to write (e.g. assets/toy.png)")
