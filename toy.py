@@ -159,6 +159,7 @@ NOISE_FLATNESS = 0.3  # median frame flatness within BAND: white noise about 0.5
 NOISE_HIGH_SHARE = 0.4  # share of the energy within BAND above 2 kHz: white noise about 0.72, a low buzz 0.05
 GLIDE = 0.5  # octaves a whistle moves at least, the right way; the world's glide 1.17 or more
 PITCH_TOLERANCE = 0.03  # beyond each band's edges, for error of measurement only
+PITCHED = 0.5  # share of a tone's energy within BAND at its first 9 harmonics: the world's 0.96 or more
 
 
 def stft_power(audio, n_fft, hop):
@@ -199,9 +200,10 @@ def _glide(power, freqs, event):
 
 
 def _tone(audio, events, hop, sr):
-    """Fundamental (Hz) and timbre of the events of a tone: their spectra, zero-padded to 1 Hz bins or finer and
-    summed; the strongest peak between 150 and 2000 Hz, refined by a parabola through its log power; a buzz has odd
-    harmonics within 13 dB of it (the world's square wave: 7 dB), a beep none."""
+    """Fundamental (Hz), timbre and harmonic share of the events of a tone: their spectra, zero-padded to 1 Hz bins
+    or finer and summed; the strongest peak between 150 and 2000 Hz, refined by a parabola through its log power; a
+    buzz has odd harmonics within 13 dB of it (the world's square wave: 7 dB), a beep none; the share of the energy
+    within BAND that lies at its first 9 harmonics tells a pitched sound from a rumble."""
     segments = [audio[a * hop: b * hop] for a, b in events]
     n = max([2 ** 14] + [len(s) for s in segments])  # so that no event is cut short
     spectrum = sum(np.abs(np.fft.rfft((s - s.mean()) * np.hanning(len(s)), n)) ** 2 for s in segments)
@@ -212,7 +214,9 @@ def _tone(audio, events, hop, sr):
     f0 = (k + 0.5 * (left - right) / (left - 2 * mid + right)) * sr / n
     near = lambda f: spectrum[np.abs(freqs - f) <= max(20, 0.03 * f)].sum()
     odd = sum(near(h * f0) for h in (3, 5, 7, 9) if h * f0 < BAND[1])
-    return f0, "buzz" if odd > 0.05 * near(f0) else "beep"
+    harmonic = sum(near(h * f0) for h in range(1, 10) if h * f0 < BAND[1])
+    within = spectrum[(freqs >= BAND[0]) & (freqs <= BAND[1])].sum()
+    return f0, "buzz" if odd > 0.05 * near(f0) else "beep", harmonic / within
 
 
 def pitch_band(f0):
@@ -223,13 +227,14 @@ def pitch_band(f0):
 
 
 def measure(audio, sr=SAMPLE_RATE):
-    """The facts a listener hears in a clip (T,), judged against the world's own sounds: a clip whose peak within
-    BAND is under SILENCE is silence, {"kind": None}. Events are runs of 10 ms frames within 12 dB of the loudest;
-    noise is flat and broadband (NOISE_FLATNESS, NOISE_HIGH_SHARE) and peaks at NOISE_PEAK or more within BAND,
-    a fainter hiss is {"kind": None}; a whistle's pitch moves GLIDE octaves or more across its longest event; else
-    a tone of len(events) events, its pitch the band of its measured fundamental ("pitch": None outside every
-    band). Loudness is absolute (the world's PEAK): generated clips are judged as they come, not normalised. Tones
-    also report their fundamental "f0" (Hz), whistles their "glide" (octaves)."""
+    """The facts a listener hears in a clip (T,), judged against the world's own sounds. Loudness is absolute, the
+    clip's peak within BAND against the world's PEAK (generated clips are judged as they come, not normalised): under
+    SILENCE, the clip is silence, {"kind": None}. Events are runs of 10 ms frames within 12 dB of the loudest. Noise
+    is flat and broadband (NOISE_FLATNESS, NOISE_HIGH_SHARE) and peaks at NOISE_PEAK or more (a fainter hiss: kind
+    None); a whistle's pitch moves GLIDE octaves or more across its longest event; else a tone of len(events)
+    events, when PITCHED of its energy lies at the harmonics of its measured fundamental (else kind None), its
+    pitch that fundamental's band (None outside every band). Tones also report "f0" (Hz), whistles "glide"
+    (octaves)."""
     audio = np.asarray(audio, dtype=np.float64)
     level = loudness(audio, sr)
     if level < SILENCE:
@@ -248,7 +253,9 @@ def measure(audio, sr=SAMPLE_RATE):
     glide = _glide(power, freqs, max(events, key=lambda e: e[1] - e[0]))
     if abs(glide) >= GLIDE:
         return {"kind": "whistle", "direction": "rising" if glide > 0 else "falling", "glide": glide}
-    f0, timbre = _tone(audio, events, hop, sr)
+    f0, timbre, pitched = _tone(audio, events, hop, sr)
+    if pitched < PITCHED:
+        return {"kind": None}
     return {"kind": "tone", "count": len(events), "pitch": pitch_band(f0), "timbre": timbre, "f0": f0}
 
 

@@ -92,6 +92,7 @@ def white_noise(peak=T.PEAK, below=None):
 
 @pytest.mark.parametrize("audio, caption, wrong", [
     (white_noise(below=250), "a burst of noise", {"kind"}),  # a rumble, not a hiss
+    (white_noise(below=250), "one low beep", {"kind", "count", "pitch", "timbre"}),  # nor a tone
     (white_noise(peak=0.02), "a burst of noise", {"kind"}),  # the shipped model's noise peaks there
     (white_noise(peak=0.15), "a burst of noise", {"kind"}),  # audible, but 10 dB under the world's noise
     (glide(500, seconds=1.0), "a rising whistle", {"kind", "direction"}),  # a steady tone
