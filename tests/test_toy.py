@@ -106,6 +106,8 @@ def white_noise(peak=T.PEAK, below=None):
     (glide(1000), "one middle beep", {"pitch"}),
     (0.15 * clip({"kind": "tone", "count": 2, "pitch": "high", "timbre": "beep"}), "two high beeps",
      {"kind", "count", "pitch", "timbre"}),  # near silence, peak 0.075
+    (0.2 + 0.3 * np.sin(2 * np.pi * 50 * np.arange(32000) / 16000), "one low beep",
+     {"kind", "count", "pitch", "timbre"}),  # a DC offset and a hum, loud but below every toy sound
 ])
 def test_the_scorer_judges_near_misses_wrong_on_what_they_break(audio, caption, wrong):
     scores = T.score([(caption, T.measure(audio))])
