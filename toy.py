@@ -145,51 +145,118 @@ def render(facts, rng, sr=SAMPLE_RATE):
 
 
 # -----------------------------------------------------------------------------
-# 3. The judge: the facts a program hears in a clip
+# 3. The judge: the facts a listener hears in a clip
+#
+# Written from `render`, never from a model's output: every sound lies in 100-7000 Hz and peaks at PEAK; noise is
+# white (flat, about 70% of its energy above 2 kHz); a whistle glides more than an octave (from 300-400 Hz to
+# 900-1200 Hz or back); a tone holds one pitch inside its caption's band. Loudness is absolute, as the world plays
+# it: clips are not normalised first, so that near silence cannot pass for a sound.
 
-def measure(audio, sr=SAMPLE_RATE):
-    """The facts a program hears in a clip (T,): events are runs of frames within 12 dB of the loudest frame;
-    noise is a flat spectrum; a whistle's pitch moves more than half an octave, a tone's does not; the pitch is
-    the strongest frequency; a buzz has odd harmonics within about 13 dB of its fundamental."""
-    audio = np.asarray(audio, dtype=np.float64)
-    n_fft, hop = 1024, sr // 100  # 64 ms windows, 10 ms hops
-    frames = np.lib.stride_tricks.sliding_window_view(np.pad(audio, n_fft // 2), n_fft)[::hop]
-    power = np.abs(np.fft.rfft(frames * np.hanning(n_fft), axis=-1)) ** 2  # (N, F)
-    freqs = np.fft.rfftfreq(n_fft, 1 / sr)
-    band = (freqs >= 100) & (freqs <= 7000)  # every toy sound lies here; a decoder's hum or DC offset does not
-    energy = power[:, band].sum(1)
-    if energy.max() <= 1e-10:
-        return {"kind": None}
-    active = energy > energy.max() * 10 ** -1.2
-    # events: runs of active frames, bridging dips under 50 ms and dropping blips under 40 ms
+BAND = (100.0, 7000.0)  # Hz; every toy sound lies here, a decoder's hum or DC offset does not
+SILENCE = PEAK / 5  # a clip whose peak within BAND is under this, 14 dB below the world's, is heard as silence
+NOISE_PEAK = PEAK / 2  # the world's noise peaks at PEAK (about 0.45 within BAND); a fainter hiss is not it
+NOISE_FLATNESS = 0.3  # median frame flatness within BAND: white noise about 0.55, a tone or a rumble under 0.05
+NOISE_HIGH_SHARE = 0.4  # share of the energy within BAND above 2 kHz: white noise about 0.72, a low buzz 0.05
+GLIDE = 0.5  # octaves a whistle moves at least, the right way; the world's glide 1.17 or more
+PITCH_TOLERANCE = 0.03  # beyond each band's edges, for error of measurement only
+PITCHED = 0.5  # share of a tone's energy within BAND at its first 9 harmonics: the world's 0.96 or more
+
+
+def stft_power(audio, n_fft, hop):
+    """(frames, n_fft // 2 + 1) power of a clip (T,) in Hann windows, frame i centred on sample i * hop."""
+    frames = np.lib.stride_tricks.sliding_window_view(np.pad(np.asarray(audio, np.float64), n_fft // 2), n_fft)
+    return np.abs(np.fft.rfft(frames[::hop] * np.hanning(n_fft), axis=-1)) ** 2
+
+
+def loudness(audio, sr=SAMPLE_RATE):
+    """The peak of a clip (T,) within BAND: its level as heard, without DC or hum (the world's clips: PEAK)."""
+    spectrum = np.fft.rfft(np.asarray(audio, np.float64))
+    freqs = np.fft.rfftfreq(len(audio), 1 / sr)
+    return np.abs(np.fft.irfft(spectrum * ((freqs >= BAND[0]) & (freqs <= BAND[1])), len(audio))).max()
+
+
+def _events(active):
+    """(start, end) frame runs of a boolean (frames,) array, bridging dips under 50 ms and dropping blips under
+    40 ms (10 ms frames), as a listener hears one beep through a decoder's flutter."""
     edges = np.flatnonzero(np.diff(np.concatenate([[0], active.astype(int), [0]])))
-    runs = [[a, b] for a, b in zip(edges[::2], edges[1::2])]
-    merged = [runs[0]]
-    for a, b in runs[1:]:
-        if a - merged[-1][1] < 5:
+    merged = []
+    for a, b in zip(edges[::2], edges[1::2]):
+        if merged and a - merged[-1][1] < 5:
             merged[-1][1] = b
         else:
             merged.append([a, b])
-    events = [(a, b) for a, b in merged if b - a >= 4] or merged
-    p = power[active][:, band] + 1e-12
-    flatness = np.exp(np.log(p).mean(1)) / p.mean(1)
-    if np.median(flatness) > 0.05:
-        return {"kind": "noise"}
-    a, b = max(events, key=lambda e: e[1] - e[0])
+    return [(a, b) for a, b in merged if b - a >= 4] or merged
+
+
+def _glide(power, freqs, event):
+    """Octaves the strongest frequency moves across an event: the rise of a straight line fitted to its track in
+    octaves, as the world's glide is exponential (a straight line in octaves)."""
+    a, b = event
     voiced = (freqs >= 150) & (freqs <= 4000)
-    track = np.log2(freqs[voiced][power[a:b, voiced].argmax(1)])[2: max(3, b - a - 2)]  # edges smeared
-    quarter = max(1, len(track) // 4)
-    glide = np.median(track[-quarter:]) - np.median(track[:quarter])  # octaves
-    if abs(glide) > 0.5:
-        return {"kind": "whistle", "direction": "rising" if glide > 0 else "falling"}
-    spectrum = power[active].mean(0)
-    pitched = (freqs >= 150) & (freqs <= 2000)
-    f0 = freqs[pitched][spectrum[pitched].argmax()]
-    near = lambda f: spectrum[np.abs(freqs - f) <= max(2 * sr / n_fft, 0.03 * f)].sum()
-    odd = sum(near(k * f0) for k in (3, 5, 7, 9) if k * f0 < 0.47 * sr)
-    return {"kind": "tone", "count": len(events),
-            "pitch": "low" if f0 < 350 else "middle" if f0 < 700 else "high",
-            "timbre": "buzz" if odd > 0.05 * near(f0) else "beep"}
+    track = np.log2(freqs[voiced][power[a:b, voiced].argmax(1)])[2: max(3, b - a - 2)]  # its edges are smeared
+    if len(track) < 2:
+        return 0.0
+    return np.polyfit(np.arange(len(track)), track, 1)[0] * len(track)
+
+
+def _tone(audio, events, hop, sr):
+    """Fundamental (Hz), timbre and harmonic share of the events of a tone: their spectra, zero-padded to 1 Hz bins
+    or finer and summed; the strongest peak between 150 and 2000 Hz, refined by a parabola through its log power; a
+    buzz has odd harmonics within 13 dB of it (the world's square wave: 7 dB), a beep none; the share of the energy
+    within BAND that lies at its first 9 harmonics tells a pitched sound from a rumble."""
+    segments = [audio[a * hop: b * hop] for a, b in events]
+    n = max([2 ** 14] + [len(s) for s in segments])  # so that no event is cut short
+    spectrum = sum(np.abs(np.fft.rfft((s - s.mean()) * np.hanning(len(s)), n)) ** 2 for s in segments)
+    freqs = np.fft.rfftfreq(n, 1 / sr)
+    lo, hi = np.searchsorted(freqs, [150, 2000])
+    k = lo + spectrum[lo:hi].argmax()
+    left, mid, right = np.log(spectrum[k - 1: k + 2] + 1e-20)
+    f0 = (k + 0.5 * (left - right) / (left - 2 * mid + right)) * sr / n
+    near = lambda f: spectrum[np.abs(freqs - f) <= max(20, 0.03 * f)].sum()
+    odd = sum(near(h * f0) for h in (3, 5, 7, 9) if h * f0 < BAND[1])
+    harmonic = sum(near(h * f0) for h in range(1, 10) if h * f0 < BAND[1])
+    within = spectrum[(freqs >= BAND[0]) & (freqs <= BAND[1])].sum()
+    return f0, "buzz" if odd > 0.05 * near(f0) else "beep", harmonic / within
+
+
+def pitch_band(f0):
+    """The caption's word for a fundamental (Hz): the band of PITCHES it lies in, give or take PITCH_TOLERANCE;
+    None between or beyond them."""
+    return next((p for p, (lo, hi) in PITCHES.items()
+                 if lo * (1 - PITCH_TOLERANCE) <= f0 <= hi * (1 + PITCH_TOLERANCE)), None)
+
+
+def measure(audio, sr=SAMPLE_RATE):
+    """The facts a listener hears in a clip (T,), judged against the world's own sounds. Loudness is absolute, the
+    clip's peak within BAND against the world's PEAK (generated clips are judged as they come, not normalised): under
+    SILENCE, the clip is silence, {"kind": None}. Events are runs of 10 ms frames within 12 dB of the loudest. Noise
+    is flat and broadband (NOISE_FLATNESS, NOISE_HIGH_SHARE) and peaks at NOISE_PEAK or more (a fainter hiss: kind
+    None); a whistle's pitch moves GLIDE octaves or more across its longest event; else a tone of len(events)
+    events, when PITCHED of its energy lies at the harmonics of its measured fundamental (else kind None), its
+    pitch that fundamental's band (None outside every band). Tones also report "f0" (Hz), whistles "glide"
+    (octaves)."""
+    audio = np.asarray(audio, dtype=np.float64)
+    level = loudness(audio, sr)
+    if level < SILENCE:
+        return {"kind": None}
+    n_fft, hop = 1024, sr // 100  # 64 ms windows, 10 ms hops
+    power, freqs = stft_power(audio, n_fft, hop), np.fft.rfftfreq(n_fft, 1 / sr)
+    band = (freqs >= BAND[0]) & (freqs <= BAND[1])
+    energy = power[:, band].sum(1)
+    active = energy > energy.max() * 10 ** -1.2
+    events = _events(active)
+    p = power[active][:, band] + 1e-20
+    flatness = np.median(np.exp(np.log(p).mean(1)) / p.mean(1))
+    high_share = p[:, freqs[band] >= 2000].sum() / p.sum()
+    if flatness > NOISE_FLATNESS and high_share > NOISE_HIGH_SHARE:
+        return {"kind": "noise"} if level >= NOISE_PEAK else {"kind": None}
+    glide = _glide(power, freqs, max(events, key=lambda e: e[1] - e[0]))
+    if abs(glide) >= GLIDE:
+        return {"kind": "whistle", "direction": "rising" if glide > 0 else "falling", "glide": glide}
+    f0, timbre, pitched = _tone(audio, events, hop, sr)
+    if pitched < PITCHED:
+        return {"kind": None}
+    return {"kind": "tone", "count": len(events), "pitch": pitch_band(f0), "timbre": timbre, "f0": f0}
 
 
 def score(pairs):
@@ -325,13 +392,11 @@ def follow_scores(pipe, world, clips, steps=50, batch=8):
 def spectrogram(audio, sr=SAMPLE_RATE, n_fft=512, hop=128, rows=96, f_min=60.0, floor_db=70.0):
     """(rows, frames) brightness in [0, 1] of a clip (T,): power on a mel-spaced axis from `f_min` to Nyquist,
     high frequencies in the top row, 0 at `floor_db` below a full-level sine."""
-    window = np.hanning(n_fft)
-    frames = np.lib.stride_tricks.sliding_window_view(np.pad(np.asarray(audio, np.float64), n_fft // 2), n_fft)
-    power = np.abs(np.fft.rfft(frames[::hop] * window, axis=-1)) ** 2  # (frames, F)
+    power = stft_power(audio, n_fft, hop)  # (frames, F)
     mel = lambda f: 2595 * np.log10(1 + f / 700)
     centres = 700 * (10 ** (np.linspace(mel(f_min), mel(sr / 2), rows) / 2595) - 1)  # (rows,) Hz
     power = np.stack([np.interp(centres, np.fft.rfftfreq(n_fft, 1 / sr), p) for p in power], 1)  # (rows, frames)
-    level = 10 * np.log10(power / (PEAK * window.sum() / 2) ** 2 + 1e-12)
+    level = 10 * np.log10(power / (PEAK * np.hanning(n_fft).sum() / 2) ** 2 + 1e-12)
     return np.clip(1 + level / floor_db, 0, 1)[::-1]
 
 
