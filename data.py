@@ -257,7 +257,7 @@ def collate(items):
     """Items to a batch: audio (B, T) or cached posteriors (B, C, L), captions, cached contexts as a list (their
     lengths differ), and every skipped row."""
     batch = {"caption": [it["caption"] for it in items], "skipped": [s for it in items for s in it["skipped"]]}
-    for key in ("audio", "mean", "std"):
+    for key in ("audio", "mean", "std", "energy"):
         if key in items[0]:
             batch[key] = torch.stack([it[key] for it in items])
     if "context" in items[0]:
@@ -344,7 +344,8 @@ def save_atomic(obj, path):
 
 class CachedClips(Clips):
     """Items from a cache folder: the posterior's mean and std (C, L), a random `frames`-frame window when the
-    cache holds more, and the caption's T5 output (n, D) when the cache has one."""
+    cache holds more, the clip's energy envelope over the same window (1, 2L; a ControlNet's condition), and the
+    caption's T5 output (n, D) when the cache has one."""
 
     def __init__(self, rows, folder, frames, seed=0):
         super().__init__(rows, seed)
@@ -366,6 +367,10 @@ class CachedClips(Clips):
                              "`python data.py cache` again") from None
         start = int(torch.randint(self.meta["frames"] - self.frames + 1, (), generator=generator))
         out = {k: item[k][:, start:start + self.frames].float() for k in ("mean", "std")}
+        if "energy" in item:
+            k = item["energy"].shape[-1] // self.meta["frames"]  # envelope frames per latent frame
+            energy = item["energy"][:, k * start:k * (start + self.frames)].float()
+            out["energy"] = energy / energy.amax().clamp(min=1e-8)  # normalised over the window, as E.energy_envelope
         if item.get("context") is not None:
             out["context"] = item["context"].float()
         return out
@@ -391,7 +396,9 @@ def build_cache(rows, folder, vae, vae_path, text_encoder=None, text_encoder_nam
     device = next(vae.parameters()).device
     sr, hop = vae.cfg.sample_rate, vae.cfg.hop
     frames = max(1, round(seconds * sr / hop))
+    control = E.ControlConfig.for_vae(vae.cfg)
     meta = {"format": "ezaudio-cache", "vae_path": vae_path, "vae": asdict(vae.cfg), "frames": frames,
+            "control": asdict(control),
             "text_encoder": text_encoder_name, "text_encoder_state": None, "empty": None,
             "weights": {"vae": fingerprint(vae.state_dict()), "text_encoder": None}}
     if text_encoder is not None:
@@ -424,11 +431,14 @@ def build_cache(rows, folder, vae, vae_path, text_encoder=None, text_encoder_nam
             if not good:
                 continue
             with torch.no_grad():
-                mean, std = vae.posterior(torch.stack([it["audio"] for it in good])[:, None].to(device))
+                audio = torch.stack([it["audio"] for it in good]).to(device)
+                mean, std = vae.posterior(audio[:, None])
+                energy = E.energy_envelope(audio, control)
                 if text_encoder is not None:
                     context, mask = text_encoder([it["row"].get("caption") or "" for it in good])
             for i, it in enumerate(good):
-                entry = {"mean": mean[i].to(dtype).cpu(), "std": std[i].to(dtype).cpu(), "context": None}
+                entry = {"mean": mean[i].to(dtype).cpu(), "std": std[i].to(dtype).cpu(),
+                         "energy": energy[i].to(dtype).cpu(), "context": None}
                 if text_encoder is not None:
                     entry["context"] = context[i, : int(mask[i].sum())].to(dtype).cpu()
                 save_atomic(entry, os.path.join(folder, cache_key(it["row"]) + ".pt"))

@@ -102,6 +102,11 @@ class ControlConfig:
     min_db: float = -60.0
 
     @classmethod
+    def for_vae(cls, vae_cfg):
+        """The envelope at twice the VAE's latent rate, as the released one: hop 240 and window 1920 at hop 480."""
+        return cls(hop=vae_cfg.hop // 2, window=4 * vae_cfg.hop)
+
+    @classmethod
     def from_official(cls, cfg):
         """Build from a released ControlNet YAML config (its `controlnet` and `conditioner` blocks)."""
         net, cond = cfg["controlnet"], cfg["conditioner"]

@@ -643,8 +643,9 @@ def read_data(args):
         fail(e)
     if args.stage == "vae" and meta:
         fail("the VAE stage trains on audio; leave out --cache")
-    if args.stage == "control" and meta:
-        fail("the control stage reads audio, whose loudness is its condition; leave out --cache")
+    if args.stage == "control" and meta and "control" not in meta:
+        fail(f"{args.cache} holds no energy envelopes, which a ControlNet learns from; make it again with "
+             "`python data.py cache`, or leave out --cache")
     if args.stage in TEXT_STAGES and meta and meta["empty"] is None:
         fail(f"{args.cache} holds no T5 outputs; make it with `python data.py cache --text-encoder ...`")
     return rows, meta
@@ -773,9 +774,9 @@ class DiTStage:
 
 class ControlStage(DiTStage):
     """EzAudio-ControlNet (SPEC §7), trained beside the frozen DiT of --init-from: a copy of the DiT's input half
-    that learns to steer it by each clip's energy envelope, with random spans of it hidden so that the text still
-    counts. On audio, which the condition is computed from. Its checkpoint holds the ControlNet as `model` and
-    names the DiT (`config["base"]`)."""
+    that learns to steer it by each clip's energy envelope (from the audio, or the cache), with random spans of it
+    hidden so that the text still counts. Its checkpoint holds the ControlNet as `model` and names the DiT
+    (`config["base"]`)."""
 
     def build(self, args, saved, init, context_dim, device):
         self.base = saved["config"]["base"] if saved else os.path.abspath(args.init_from)
@@ -784,8 +785,7 @@ class ControlStage(DiTStage):
         except E.CheckpointError as e:
             fail(e)
         self.dit = build_dit(args, context_dim, base, None).to(device).eval().requires_grad_(False)
-        # the energy envelope at twice the latent rate, as the released ControlNet's: hop 240, window 1920 at 24 kHz
-        self.control = E.ControlConfig(hop=self.vae_cfg.hop // 2, window=4 * self.vae_cfg.hop)
+        self.control = E.ControlConfig.for_vae(self.vae_cfg)
         self.controlnet = E.ControlNet.from_dit(self.dit, self.control)
         self.objective = DiffusionObjective(self.dit, args.min_timestep, self.controlnet).to(device)
         self.models, self.lrs = [self.controlnet], [args.lr]
@@ -793,7 +793,8 @@ class ControlStage(DiTStage):
 
     def inputs(self, batch, generator, device):
         """DiTStage's, and the clips' energy envelopes (B, 1, 2L)."""
-        return *super().inputs(batch, generator, device), E.energy_envelope(batch["audio"].to(device), self.control)
+        energy = batch["energy"] if "energy" in batch else E.energy_envelope(batch["audio"], self.control)
+        return *super().inputs(batch, generator, device), energy.to(device)
 
     def weights(self):
         weights = super().weights()
@@ -804,8 +805,8 @@ class ControlStage(DiTStage):
         """Samples for the first clips' captions that follow the clips' loudness."""
         if self.clips is None:
             batch = data.collate([dataset[i] for i in range(min(4, len(dataset)))])
-            audio = batch["audio"].to(self.dit.mask_embed.device)
-            self.clips = E.energy_envelope(audio, self.control), batch["caption"]
+            energy = batch["energy"] if "energy" in batch else E.energy_envelope(batch["audio"], self.control)
+            self.clips = energy.to(self.dit.mask_embed.device), batch["caption"]
         condition, captions = self.clips
         write_samples(folder, self.dit, self.vae, self.text_encoder, captions, dataset.frames, args.sample_steps,
                       autocast(), self.ema.model if self.ema else self.controlnet, condition)

@@ -536,7 +536,31 @@ def test_the_control_stage_trains_a_controlnet_beside_the_frozen_dit_and_resumes
     assert pipe.generate(["a tone"], duration=0.1, steps=2, control=reference).shape == (1, 2400)
 
 
-def test_the_control_stage_needs_a_dit_and_audio(clips, tmp_path):
+def test_a_cached_control_stage_learns_from_the_cached_envelopes(stage3, clips, tmp_path, official_vae_ckpt,
+                                                                 text_encoder_dir, monkeypatch):
+    """The cache stores each clip's energy envelope beside its latents, so that a ControlNet trains without the VAE:
+    the envelope a cached run sees is the one computed from the clip's audio."""
+    cache = tmp_path / "cache"
+    data.main(["cache", "--manifest", str(clips), "--out", str(cache), "--vae", str(official_vae_ckpt),
+               "--vae-config", "tiny", "--text-encoder", str(text_encoder_dir), "--segment", "0.05",
+               "--workers", "0", "--device", "cpu"])
+    rows = data.read_manifest(clips)
+    item = data.CachedClips(rows, str(cache), frames=150)[0]
+    audio = data.fit_clip(data.load_clip(rows[0]["path"], SR), 150 * 8)
+    expected = E.energy_envelope(audio[None], E.ControlConfig.for_vae(E.VAE_PRESETS["tiny"]))[0]
+    torch.testing.assert_close(item["energy"], expected, atol=2e-3, rtol=0)  # stored in float16
+    assert data.CachedClips(rows, str(cache), frames=50)[0]["energy"].shape == (1, 100)  # a window of it
+    seen = []
+    forward = train.DiffusionObjective.forward
+    monkeypatch.setattr(train.DiffusionObjective, "forward", lambda self, *a: seen.append(a[-1]) or forward(self, *a))
+    monkeypatch.setattr(data, "load_vae", lambda *a: (_ for _ in ()).throw(AssertionError("the VAE was loaded")))
+    train.main(["--stage", "control", "--manifest", str(clips), "--cache", str(cache), "--init-from", str(stage3),
+                "--run-dir", str(tmp_path / "run"), "--max-steps", "2", *FAST])
+    assert len(seen) == 2 and seen[0].shape == (2, 1, 2 * 150) and seen[0].amax() == 1
+    assert load(tmp_path / "run" / "ckpt.pt")["stage"] == "control"
+
+
+def test_the_control_stage_needs_a_dit(clips, tmp_path):
     with pytest.raises(SystemExit, match="ControlNet trains beside a trained DiT: pass its checkpoint"):
         train.settings(["--stage", "control", "--manifest", str(clips), "--run-dir", str(tmp_path / "c")])
 
