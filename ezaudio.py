@@ -1044,7 +1044,7 @@ MODELS = {  # the names --model takes: `hub_file`, a released DiT in HUB_REPO, w
                  controlnet="ckpts/controlnet/s3_l_energy.pt"),  # `controlnet`: its released ControlNet in HUB_REPO
     # the toy world's model (toy.py), trained on a CPU by the README's recipe; `sampling` replaces the paper's
     # defaults in sample.py: its clips are 2 s long, and guidance costs it count (README)
-    "toy": dict(file="assets/toy.pt", sampling=dict(duration=2.0, guidance=1.0)),
+    "toy": dict(file="assets/toy.pt", controlnet="assets/toy_control.pt", sampling=dict(duration=2.0, guidance=1.0)),
 }
 SAMPLING = dict(duration=10.0, steps=100, guidance=5.0, rescale=0.75, eta=1.0)  # the paper's (Sec. III)
 CONTROL_SAMPLING = dict(steps=50, guidance=3.5, rescale=0.0)  # the published ControlNet pipeline's
