@@ -53,7 +53,7 @@ def test_the_readme_names_every_script_and_its_recipes():
     scripts = {script for script, _ in commands()}
     assert scripts == set(PARSERS), scripts
     stages = {argv[argv.index("--stage") + 1] for script, argv in commands() if "--stage" in argv}
-    assert stages == {"vae", "1", "2", "3"}
+    assert stages == {"vae", "1", "2", "3", "control"}
 
 
 @pytest.mark.parametrize("script", sorted(PARSERS))

@@ -180,6 +180,10 @@ def test_toy_command_writes_a_world_that_scores_perfectly(tmp_path, capsys):
         stage2 = list(csv.DictReader(f))
     assert [r["audio_path"] for r in stage2] == [r["audio_path"] for r in rows[:42]]
     assert all(0 <= float(r["clap_score"]) <= 1 for r in stage2)
+    with open(tmp_path / "vae.csv", newline="") as f:
+        vae = [r["audio_path"] for r in csv.DictReader(f)]
+    high = [r["audio_path"] for r in rows[:42] if T.parse_caption(r["caption"]).get("pitch") == "high"]
+    assert len(high) == 12 and vae == [r["audio_path"] for r in rows[:42]] + high + high  # high tones thrice
     T.main(["score", str(tmp_path), "--split", "test"])
     table = capsys.readouterr().out
     assert "kind           21    100.0%" in table and "count          18    100.0%" in table
