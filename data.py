@@ -569,12 +569,17 @@ def parser():
     return p
 
 
-def main(argv=None):
-    args = parser().parse_args(argv)
+def run_command(cli, argv=None):
+    """Parse `argv` with `cli` and run the subcommand it names; what goes wrong is one line, as everywhere here."""
+    args = cli.parse_args(argv)
     try:
         args.run(args)
     except (AudioError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+
+
+def main(argv=None):
+    run_command(parser(), argv)
 
 
 if __name__ == "__main__":

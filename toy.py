@@ -24,7 +24,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 import ezaudio as E
-from data import AudioError, load_vae, read_audio, read_manifest, save_atomic, write_manifest
+from data import load_vae, read_audio, read_manifest, run_command, save_atomic, write_manifest
 
 
 # -----------------------------------------------------------------------------
@@ -516,11 +516,7 @@ def parser():
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
-    try:
-        args.run(args)
-    except (AudioError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    run_command(parser(), argv)
 
 
 if __name__ == "__main__":
