@@ -931,12 +931,39 @@ def usable_device(device, dtype):
     return device
 
 
-def check_edit_mask(seconds, mask_start, mask_length, boundary):
-    """ValueError unless the mask starts within a clip of `seconds` (or at its end: outpainting) and is not empty.
-    It needs only the clip's length, so that sample.py can check it before minutes of model loading."""
+def memory_of(device):
+    """Bytes of memory on `device`: a GPU's own, else the machine's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_duration(seconds, vae_cfg, device, batch=1, what="the duration"):
+    """ValueError unless `batch` clips of `seconds` fit in the memory of `device`. The measure is the VAE decoder's
+    widest layer, which holds channels x samples in float32 at least once: for the released VAE 128 channels at
+    24 kHz, 12 MB per second of audio, so about 10 000 s per 128 GB. It needs no model, so that sample.py can refuse
+    an impossible length before minutes of loading rather than after minutes of swapping."""
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"{what} must be a finite number of seconds > 0, not {seconds:g}")
+    widths = [vae_cfg.channels * m for m in (1, *vae_cfg.c_mults)]
+    rates = [vae_cfg.sample_rate / math.prod(vae_cfg.strides[:i]) for i in range(len(widths))]
+    channels, rate = max(zip(widths, rates), key=lambda wr: wr[0] * wr[1])
+    need, memory = 4 * channels * rate * seconds * batch, memory_of(device)
+    if need > memory:
+        raise ValueError(f"{what} ({seconds:g} s{f' x {batch} samples' if batch > 1 else ''}) would need at least "
+                         f"{need / 1e9:.4g} GB, more than the {memory / 1e9:.4g} GB of {device.type} memory here: "
+                         f"the VAE decoder holds {channels} channels x {rate:g} samples a second in float32; at "
+                         f"most {memory / need * seconds:.0f} s at a time")
+
+
+def check_edit_mask(seconds, mask_start, mask_length, boundary, vae_cfg, device):
+    """ValueError unless the mask starts within a clip of `seconds` (or at its end: outpainting) and is not empty,
+    and the clip it makes fits in memory. It needs only the clip's length, so that sample.py can check it before
+    minutes of model loading."""
     if not (0 <= mask_start <= seconds and mask_length > 0 and boundary >= 0):
         raise ValueError(f"the mask [{mask_start:g}, {mask_start + mask_length:g}) s must start within the "
                          f"{seconds:.2f} s clip (or at its end) and have a positive length, with a boundary >= 0")
+    check_duration(max(seconds, mask_start + mask_length), vae_cfg, device, what="the edited clip's length")
 
 
 class EzAudio:
@@ -1047,6 +1074,7 @@ class EzAudio:
         seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        check_duration(duration, self.vae.cfg, self.device, len(prompts))
         length = max(1, round(duration * self.sample_rate / self.hop))
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         latents = self._sample(prompts, generators, negative, guidance, length=length, steps=steps,
@@ -1064,7 +1092,7 @@ class EzAudio:
         sr, frame_rate = self.sample_rate, self.sample_rate / self.hop
         audio = torch.as_tensor(audio, dtype=torch.float32).flatten()
         seconds, mask_end = audio.numel() / sr, mask_start + mask_length
-        check_edit_mask(seconds, mask_start, mask_length, boundary)
+        check_edit_mask(seconds, mask_start, mask_length, boundary, self.vae.cfg, self.device)
         audio = audio / (audio.abs().max() + 1e-9)
         if mask_end > seconds:
             audio = F.pad(audio, (0, round((mask_end - seconds) * sr)))
