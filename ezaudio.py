@@ -22,6 +22,7 @@ implementation (see tests/test_reference.py).
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -794,8 +795,17 @@ def load_file(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({why_unloadable(e)})") from None
+
+
+def why_unloadable(error):
+    """The cause in torch.load's error as one whole sentence. Its messages run to paragraphs of advice about
+    weights_only, with the cause after "WeightsUnpickler error:" or in the first sentence; a file cut short can
+    end in an EOFError with no text at all."""
+    text = str(error)
+    _, found, cause = text.partition("WeightsUnpickler error:")
+    sentence = re.split(r"(?<=\.)\s|\n", (cause if found else text).strip(), maxsplit=1)[0]
+    return f"{type(error).__name__}: {sentence}" if sentence else f"{type(error).__name__}: the file ends early"
 
 
 def load_weights(module, state_dict, what="checkpoint"):
