@@ -6,11 +6,14 @@ The paper trains on AudioSet (stage 1, no captions), CLAP-filtered synthetic cap
 """
 
 import argparse
+import contextlib
 import csv
+import errno
 import hashlib
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -621,14 +624,40 @@ def stack_contexts(contexts):
     return context, mask
 
 
+class DiskFull(OSError):
+    """No room on the disk for a file being saved; the message is one line for the user."""
+
+
+def tensor_bytes(obj):
+    """Bytes of the tensors in nested dicts, lists and tuples: about what torch.save writes of them."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    return sum(tensor_bytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
+
+
 def save_atomic(obj, path):
     """torch.save through a temporary file that reaches the disk before it replaces `path`: a crash, even of the
-    machine, leaves the old file or the new one, never part of one."""
+    machine, leaves the old file or the new one, never part of one. On a full disk the partial file is removed, so
+    that it takes no room, and DiskFull names the disk and the room needed."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError, "unexpected pos"
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        disk = os.path.dirname(os.path.abspath(path))
+        need, free = tensor_bytes(obj), shutil.disk_usage(disk).free
+        if getattr(e, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and free >= need:
+            raise
+        while not os.path.ismount(disk):
+            disk = os.path.dirname(disk)
+        raise DiskFull(f"no room for {path} on the disk mounted at {disk}: it needs about {need / 1e6:,.0f} MB "
+                       f"and {free / 1e6:,.0f} MB are free; free some space and run again") from None
     os.replace(tmp, path)
 
 
@@ -873,7 +902,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (AudioError, FileNotFoundError, ValueError) as e:
+    except (AudioError, DiskFull, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 
 

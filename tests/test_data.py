@@ -2,7 +2,9 @@
 
 import csv
 import json
+import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -273,6 +275,28 @@ def test_cache_refuses_other_settings(clips, tmp_path, official_vae_ckpt):
     torch.save({"state_dict": {k: v + 1e-3 for k, v in ckpt["state_dict"].items()}}, vae)
     with pytest.raises(SystemExit, match="other settings or weights"):
         data.main(common)
+
+
+def test_a_full_disk_leaves_no_partial_file_and_names_the_disk_and_the_room_needed(tmp_path, monkeypatch):
+    """torch's zip writer reports a full disk as a RuntimeError ("unexpected pos"); the old file stays whole."""
+    path = tmp_path / "ckpt.pt"
+    torch.save({"step": 1}, path)
+
+    def write_then_fail(obj, f):
+        f.write(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1088 vs 1000")
+    monkeypatch.setattr(torch, "save", write_then_fail)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: SimpleNamespace(free=3_000_000))
+    disk = next(p for p in [tmp_path, *tmp_path.parents] if os.path.ismount(p))
+    with pytest.raises(data.DiskFull) as e:
+        data.save_atomic({"weights": torch.zeros(2_000_000)}, str(path))  # 8 MB
+    assert str(e.value) == (f"no room for {path} on the disk mounted at {disk}: it needs about 8 MB and 3 MB are "
+                            "free; free some space and run again")
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and torch.load(path, weights_only=True) == {"step": 1}
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: SimpleNamespace(free=10 ** 12))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with room to spare, that is another fault: shown
+        data.save_atomic({"weights": torch.zeros(2_000_000)}, str(path))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 # -----------------------------------------------------------------------------
