@@ -16,6 +16,7 @@ Read top to bottom: 1. settings  2. distributed set-up  3. the VAE stage's losse
 import argparse
 import contextlib
 import copy
+import fcntl
 import math
 import os
 import random
@@ -166,6 +167,8 @@ def settings(argv=None):
         elif os.path.isfile(path):
             fail(f"{path} exists; pass --resume to continue that run, or another --run-dir")
         resumed = {k: v for k, v in (saved["config"]["train"] if saved else {}).items() if v is not None}
+        if saved:
+            refuse_reshaping(given, resumed, path)
         init_from = given.get("init_from", resumed.get("init_from"))
         if stage in ("2", "3") and not init_from and not saved:  # a forgotten flag would cost a whole run, silently
             fail(f"stage {stage} continues stage {int(stage) - 1}: pass its checkpoint with --init-from "
@@ -210,6 +213,20 @@ def settings(argv=None):
     if not args.manifest:
         fail("pass the training clips with --manifest (see README, Training)")
     return args, saved, init
+
+
+RUN_SHAPE = ("config", "vae_config", "vae", "text_encoder", "init_from")  # the flags that decide what a run trains
+
+
+def refuse_reshaping(given, resumed, path):
+    """A resumed run keeps the model it was started with: a flag of RUN_SHAPE given now with another value would be
+    ignored by the model yet written into the checkpoint, and the next stage would start from a wrong record."""
+    changed = [k for k in RUN_SHAPE if k in given and given[k] != resumed.get(k)]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {given[k]}" for k in changed)
+        runs = ", ".join(f"--{k.replace('_', '-')} {resumed.get(k)}" for k in changed)
+        fail(f"{path} is a run of {runs}; a resumed run keeps its model, so leave out {flags} (or start a new run "
+             "with another --run-dir)")
 
 
 # -----------------------------------------------------------------------------
@@ -593,6 +610,34 @@ class StopSignal:
             signal.signal(s, handler)
 
 
+def stopped_by(signal_name):
+    """The SystemExit of a run that a signal stopped after saving: the status a shell gives a process that signal
+    ends, 128 + its number (SIGINT 130, SIGTERM 143), so that `train.py ... && train.py --stage 2 ...` stops there.
+    A rank stopped by another rank's signal exits as by SIGTERM, the one torchrun passes on."""
+    return SystemExit(128 + signal.Signals[signal_name or "SIGTERM"])
+
+
+def claim_run_dir(run_dir):
+    """Make the run folder and lock its file `lock` for as long as the returned file stays open, so that a second
+    run on the folder stops at once instead of writing the same checkpoint. The lock is the kernel's (flock): it
+    goes with the process however that ends, so a crash cannot leave it stuck. Holding it, the run removes a
+    checkpoint that a killed run left half-written."""
+    os.makedirs(run_dir, exist_ok=True)
+    lock = open(os.path.join(run_dir, "lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        fail(f"another run (process {lock.read().strip() or '?'}) is using {run_dir}; wait for it to end, or pass "
+             "another --run-dir")
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(run_dir, "ckpt.pt.tmp"))
+    return lock
+
+
 def micro_batches(dataset, position, args, rank, world, pin):
     """Batches, epoch after epoch. `position` (epoch, batches taken in it) stays current, so that a checkpoint
     resumes mid-epoch at the very next batch."""
@@ -617,6 +662,8 @@ def main(argv=None):
     rank, world, device = setup_distributed(args.device)
     try:
         train(args, saved, init, rank, world, device)
+    except data.DiskFull as e:
+        fail(e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -744,7 +791,7 @@ def train(args, saved, init, rank, world, device):
     if world > 1:
         model = DDP(model, device_ids=[device.index] if cuda else None)
     if master:
-        os.makedirs(args.run_dir, exist_ok=True)  # only now: a start that fails leaves no empty run folder behind
+        run_lock = claim_run_dir(args.run_dir)  # only now: a start that fails leaves no empty run folder behind
         n = sum(p.numel() for m in models for p in m.parameters())
         log(f"stage {args.stage}: {n:,} parameters, {len(dataset)} clips, {frames} latent frames per example, "
             f"{args.batch_size} x {args.accum} x {world} examples per step, {device.type}"
@@ -874,7 +921,7 @@ def train(args, saved, init, rank, world, device):
                                   frames, args.sample_steps, autocast())
             if stopping:
                 log(f"stopped by {stop.received or 'another rank'} at step {step}; continue with --resume")
-                break
+                raise stopped_by(stop.received)
         else:  # finished (or nothing left to do): the final checkpoint
             if step % args.save_every or step == 0:
                 save()
