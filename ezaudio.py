@@ -123,11 +123,13 @@ def config_from_dict(cls, d):
 # 2. EzAudio-DiT building blocks
 
 
-def timestep_embedding(t, dim=256, max_period=10000.0):
-    """Sinusoidal embedding of integer timesteps, cosines first. (B,) -> (B, dim)"""
+def timestep_embedding(t, dim=256, max_period=10000.0, dtype=torch.float32):
+    """Sinusoidal embedding of integer timesteps, cosines first. (B,) -> (B, dim). The released model computes it
+    in float32, whose rounding of t * freq (t up to 999) is the largest in the model; float64 serves the parity
+    tests, which measure that rounding."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = t.to(dtype)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -161,10 +163,12 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate query or key (B, H, L, d) by position, in float32 as the released model does."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    """Rotate query or key (B, H, L, d) by position, in float32 as the released model does (float64 stays float64,
+    for the parity tests)."""
+    x_hi = x.to(torch.promote_types(x.dtype, torch.float32))
+    x1, x2 = x_hi.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+    return (x_hi * cos + rotated * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -303,7 +307,7 @@ class TimestepEmbed(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.freq_dim))
+        return self.mlp(timestep_embedding(t, self.freq_dim, dtype=self.mlp[0].weight.dtype))
 
 
 class DiT(nn.Module):
