@@ -169,7 +169,7 @@ def main(argv=None):
             E.check_edit_mask(clip_seconds(args.edit), args.mask_start, args.mask_length, args.boundary, vae_cfg,
                               device)
         else:
-            E.check_duration(args.duration, vae_cfg, device, args.batch_size, what="--duration")
+            E.check_duration(args.duration, vae_cfg, device, min(args.batch_size, args.num_samples), what="--duration")
         model = E.EzAudio.from_pretrained(args.model, args.ckpt, args.dit_config, args.vae, args.vae_config,
                                           args.text_encoder, args.device, DTYPES[args.dtype])
         if args.compile:

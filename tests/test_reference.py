@@ -53,7 +53,7 @@ def assert_within_float32_noise(ours32, ours64, ref):
     """For the models, whose float32 rounding grows with depth, width and input, so that no fixed fraction of
     max|ref| suits every fixture: the reference is the published code's float32 result, the exact one plus rounding
     noise about as large as ours (ours32 - ours64 measures it), so our float64 result must lie within that noise of
-    it: RMS within 2x (measured 0.9-1.1x; a Snake epsilon of 1e-6 for 1e-9 gives 3.2-3.5x), plus a float32 epsilon
+    it: RMS within 2x (measured 0.9-1.2x; a Snake epsilon of 1e-6 for 1e-9 gives 3.2-3.5x), plus a float32 epsilon
     of max|ref| for outputs computed exactly. Where ref is NaN (the published code fails), ours must be finite."""
     assert ours32.shape == ours64.shape == ref.shape, f"shape {tuple(ours32.shape)} != {tuple(ref.shape)}"
     assert torch.isfinite(ours32).all() and torch.isfinite(ours64).all(), "non-finite output"
