@@ -143,6 +143,20 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
+RUN_SHAPE = ("config", "vae_config", "vae", "text_encoder", "init_from")  # the flags that decide what a run trains
+
+
+def refuse_reshaping(given, resumed, path):
+    """A resumed run keeps the model it was started with: a flag of RUN_SHAPE given now with another value would be
+    ignored by the model yet written into the checkpoint, and the next stage would start from a wrong record."""
+    changed = [k for k in RUN_SHAPE if k in given and given[k] != resumed.get(k)]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {given[k]}" for k in changed)
+        runs = ", ".join(f"--{k.replace('_', '-')} {resumed.get(k)}" for k in changed)
+        fail(f"{path} is a run of {runs}; a resumed run keeps its model, so leave out {flags} (or start a new run "
+             "with another --run-dir)")
+
+
 def settings(argv=None):
     """Settings in layers: common defaults < the stage's < the starting checkpoint's VAE and text encoder < the
     resumed run's < flags given now. Returns (args, the resumed checkpoint or None, --init-from's or None)."""
@@ -213,20 +227,6 @@ def settings(argv=None):
     if not args.manifest:
         fail("pass the training clips with --manifest (see README, Training)")
     return args, saved, init
-
-
-RUN_SHAPE = ("config", "vae_config", "vae", "text_encoder", "init_from")  # the flags that decide what a run trains
-
-
-def refuse_reshaping(given, resumed, path):
-    """A resumed run keeps the model it was started with: a flag of RUN_SHAPE given now with another value would be
-    ignored by the model yet written into the checkpoint, and the next stage would start from a wrong record."""
-    changed = [k for k in RUN_SHAPE if k in given and given[k] != resumed.get(k)]
-    if changed:
-        flags = ", ".join(f"--{k.replace('_', '-')} {given[k]}" for k in changed)
-        runs = ", ".join(f"--{k.replace('_', '-')} {resumed.get(k)}" for k in changed)
-        fail(f"{path} is a run of {runs}; a resumed run keeps its model, so leave out {flags} (or start a new run "
-             "with another --run-dir)")
 
 
 # -----------------------------------------------------------------------------
@@ -791,7 +791,7 @@ def train(args, saved, init, rank, world, device):
     if world > 1:
         model = DDP(model, device_ids=[device.index] if cuda else None)
     if master:
-        run_lock = claim_run_dir(args.run_dir)  # only now: a start that fails leaves no empty run folder behind
+        run_lock = claim_run_dir(args.run_dir)  # held until train returns; a failed start makes no folder
         n = sum(p.numel() for m in models for p in m.parameters())
         log(f"stage {args.stage}: {n:,} parameters, {len(dataset)} clips, {frames} latent frames per example, "
             f"{args.batch_size} x {args.accum} x {world} examples per step, {device.type}"
