@@ -617,25 +617,32 @@ def stopped_by(signal_name):
     return SystemExit(128 + signal.Signals[signal_name or "SIGTERM"])
 
 
-def claim_run_dir(run_dir):
-    """Make the run folder and lock its file `lock` for as long as the returned file stays open, so that a second
-    run on the folder stops at once instead of writing the same checkpoint. The lock is the kernel's (flock): it
-    goes with the process however that ends, so a crash cannot leave it stuck. Holding it, the run removes a
-    checkpoint that a killed run left half-written."""
+@contextlib.contextmanager
+def claimed_run_dir(run_dir):
+    """The run folder, made if missing and locked while the block runs, so that a second run on it stops at once
+    instead of writing the same checkpoint. The lock is the kernel's (flock on run_dir/lock): it goes with the
+    process however that ends, so a crash cannot leave it stuck. Holding it, the run removes a checkpoint that a
+    killed run left half-written; leaving, it removes a folder it made that a failed start left empty."""
+    made = not os.path.isdir(run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    lock = open(os.path.join(run_dir, "lock"), "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        fail(f"another run (process {lock.read().strip() or '?'}) is using {run_dir}; wait for it to end, or pass "
-             "another --run-dir")
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(run_dir, "ckpt.pt.tmp"))
-    return lock
+    with open(os.path.join(run_dir, "lock"), "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            fail(f"another run (process {lock.read().strip() or '?'}) is using {run_dir}; wait for it to end, or "
+                 "pass another --run-dir")
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(run_dir, "ckpt.pt.tmp"))
+        try:
+            yield
+        finally:
+            if made and os.listdir(run_dir) == ["lock"]:
+                os.remove(lock.name)
+                os.rmdir(run_dir)
 
 
 def micro_batches(dataset, position, args, rank, world, pin):
@@ -661,7 +668,8 @@ def main(argv=None):
     args, saved, init = settings(argv)
     rank, world, device = setup_distributed(args.device)
     try:
-        train(args, saved, init, rank, world, device)
+        with claimed_run_dir(args.run_dir) if rank == 0 else contextlib.nullcontext():
+            train(args, saved, init, rank, world, device)
     except data.DiskFull as e:
         fail(e)
     finally:
@@ -791,7 +799,7 @@ def train(args, saved, init, rank, world, device):
     if world > 1:
         model = DDP(model, device_ids=[device.index] if cuda else None)
     if master:
-        run_lock = claim_run_dir(args.run_dir)  # held until train returns; a failed start makes no folder
+        os.makedirs(args.run_dir, exist_ok=True)  # only now: a start that fails leaves no empty run folder behind
         n = sum(p.numel() for m in models for p in m.parameters())
         log(f"stage {args.stage}: {n:,} parameters, {len(dataset)} clips, {frames} latent frames per example, "
             f"{args.batch_size} x {args.accum} x {world} examples per step, {device.type}"

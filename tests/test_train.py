@@ -140,17 +140,19 @@ def test_one_run_per_folder_and_a_killed_runs_partial_checkpoint_removed(clips, 
     run = tmp_path / "run"
     run.mkdir()
     (run / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # as a run killed while saving leaves it
-    held = train.claim_run_dir(str(run))
-    assert not (run / "ckpt.pt.tmp").exists()
     message = f"^error: another run \\(process {os.getpid()}\\) is using {re.escape(str(run))}; wait for it to end"
-    with pytest.raises(SystemExit, match=message):
-        train.claim_run_dir(str(run))
-    with pytest.raises(SystemExit, match=message):  # train() claims the folder before it writes there
-        train.main(["--stage", "1", "--config", "tiny", "--manifest", str(clips), "--vae", str(official_vae_ckpt),
-                    "--vae-config", "tiny", "--run-dir", str(run), "--max-steps", "1", *FAST])
-    assert not (run / "log.txt").exists()
-    held.close()  # what the kernel does when the holder ends, however it ends
-    train.claim_run_dir(str(run)).close()
+    with train.claimed_run_dir(str(run)):
+        assert not (run / "ckpt.pt.tmp").exists()
+        with pytest.raises(SystemExit, match=message):
+            with train.claimed_run_dir(str(run)):
+                pass
+        with pytest.raises(SystemExit, match=message):  # the whole run, before it writes anything
+            train.main(["--stage", "1", "--config", "tiny", "--manifest", str(clips), "--vae",
+                        str(official_vae_ckpt), "--vae-config", "tiny", "--run-dir", str(run), "--max-steps", "1",
+                        *FAST])
+        assert os.listdir(run) == ["lock"]
+    with train.claimed_run_dir(str(run)):  # the holder's file closed, as when it ends, however it ends
+        pass
 
 
 def test_a_full_disk_while_saving_is_one_line(clips, tmp_path, official_vae_ckpt, monkeypatch):
@@ -523,15 +525,17 @@ def test_torchrun_two_ranks_hold_identical_weights(clips, tmp_path, official_vae
 @pytest.mark.slow
 def test_a_killed_run_leaves_no_lock(tmp_path):
     """SIGKILL gives a process no time to clean up; the kernel drops its flock all the same."""
-    code = (f"import train, time; lock = train.claim_run_dir({str(tmp_path)!r}); print('held', flush=True); "
-            "time.sleep(60)")
+    code = (f"import train, time\nwith train.claimed_run_dir({str(tmp_path)!r}):\n    print('held', flush=True)\n"
+            "    time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=python_env())
     assert proc.stdout.readline() == "held\n"
     with pytest.raises(SystemExit, match="another run"):
-        train.claim_run_dir(str(tmp_path))
+        with train.claimed_run_dir(str(tmp_path)):
+            pass
     proc.kill()
     proc.wait(timeout=60)
-    train.claim_run_dir(str(tmp_path)).close()
+    with train.claimed_run_dir(str(tmp_path)):
+        pass
 
 
 @pytest.mark.slow
