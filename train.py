@@ -78,7 +78,8 @@ def parser():
     a("--data-root", help="folder that relative audio paths start from (default: the manifest's folder)")
     a("--split", help="train on the manifest rows of this split, when it has a split column (default: train)")
     a("--cache", help="folder made by `python data.py cache`: train on its latents and T5 outputs")
-    a("--run-dir", help="where ckpt.pt, log.txt and samples/ go (default: runs/vae, runs/stage1, ...)")
+    a("--run-dir", help="where ckpt.pt, log.txt and samples/ go (default: runs/vae, runs/stage1, ...); one run "
+                        "at a time: a second on the same folder is refused")
     a("--resume", action="store_true", help="continue the run in --run-dir exactly where its checkpoint stopped")
     a("--init-from", help="checkpoint to start from: stage 1's for stage 2, stage 2's for stage 3 (both required; "
                           "`scratch` for random weights), or a released EzAudio file; for the VAE stage a VAE file")
@@ -131,7 +132,8 @@ def parser():
     a("--workers", type=int, help="data-loading processes per GPU (default 4)")
     a("--seed", type=int, help="random seed; rank r draws from seed + r (default 0)")
     a("--log-every", type=int, help="steps between log lines (default 50)")
-    a("--save-every", type=int, help="steps between checkpoints (default 5000; also at the end and on SIGTERM/SIGINT)")
+    a("--save-every", type=int, help="steps between checkpoints (default 5000; also at the end, and on SIGTERM or "
+                                     "SIGINT, after which the run exits with status 143 or 130)")
     a("--sample-every", type=int, help="steps between preview samples in <run-dir>/samples, 0 = never (default 5000)")
     a("--sample-steps", type=int, help="DDIM steps of the preview samples (default 50)")
     a("--sample-prompts", nargs="+", help="prompts of the preview samples")
