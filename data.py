@@ -6,11 +6,14 @@ The paper trains on AudioSet (stage 1, no captions), CLAP-filtered synthetic cap
 """
 
 import argparse
+import contextlib
 import csv
+import errno
 import hashlib
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -331,14 +334,40 @@ def stack_contexts(contexts):
     return context, mask
 
 
+class DiskFull(OSError):
+    """No room on the disk for a file being saved; the message is one line for the user."""
+
+
+def tensor_bytes(obj):
+    """Bytes of the tensors in nested dicts, lists and tuples: about what torch.save writes of them."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    return sum(tensor_bytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
+
+
 def save_atomic(obj, path):
     """torch.save through a temporary file that reaches the disk before it replaces `path`: a crash, even of the
-    machine, leaves the old file or the new one, never part of one."""
+    machine, leaves the old file or the new one, never part of one. On a full disk the partial file is removed, so
+    that it takes no room, and DiskFull names the disk and the room needed."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError, "unexpected pos"
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        disk = os.path.dirname(os.path.abspath(path))
+        need, free = tensor_bytes(obj), shutil.disk_usage(disk).free
+        if getattr(e, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and free >= need:
+            raise
+        while not os.path.ismount(disk):
+            disk = os.path.dirname(disk)
+        raise DiskFull(f"no room for {path} on the disk mounted at {disk}: it needs about {need / 1e6:,.0f} MB "
+                       f"and {free / 1e6:,.0f} MB are free; free some space and run again") from None
     os.replace(tmp, path)
 
 
@@ -360,11 +389,7 @@ class CachedClips(Clips):
         if not os.path.isfile(path):
             raise AudioError(f"{row['path']}: not in the cache {self.folder}; run `python data.py cache` on this "
                              "manifest (it resumes)")
-        try:
-            item = torch.load(path, weights_only=True)
-        except Exception as e:  # a file cut short by a crash, say: skipped like a bad clip
-            raise AudioError(f"{path}: unreadable cache entry ({str(e).splitlines()[0][:120]}); delete it and run "
-                             "`python data.py cache` again") from None
+        item = read_cache_entry(path, self.meta)  # a broken one is skipped like a bad clip
         start = int(torch.randint(self.meta["frames"] - self.frames + 1, (), generator=generator))
         out = {k: item[k][:, start:start + self.frames].float() for k in ("mean", "std")}
         if "energy" in item:
@@ -381,18 +406,39 @@ def read_cache_meta(folder):
     if not os.path.isfile(path):
         raise ValueError(f"{folder}: not a latent cache (no meta.pt); make one with `python data.py cache`")
     try:
-        meta = torch.load(path, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: unreadable ({str(e).splitlines()[0][:120]}); make the cache again") from None
+        meta = E.load_file(path)
+    except E.CheckpointError as e:
+        raise ValueError(f"{e}; make the cache again") from None
     if not isinstance(meta, dict) or meta.get("format") != "ezaudio-cache":
         raise ValueError(f"{path}: not the meta.pt of a latent cache made by `python data.py cache`")
     return meta
 
 
+def read_cache_entry(path, meta):
+    """One clip's entry, checked against the cache's meta.pt: the posterior's mean and std (C, frames), and the
+    caption's T5 output (n, D) where the cache holds text. An AudioError says what is wrong with it."""
+    redo = "run `python data.py cache` on the manifest again, which redoes broken entries"
+    try:
+        item = E.load_file(path)
+    except E.CheckpointError as e:  # cut short by a crash or a full disk, say
+        raise AudioError(f"unreadable cache entry {e}; {redo}") from None
+    latent = (meta["vae"]["latent_dim"], meta["frames"])
+    width = None if meta["empty"] is None else meta["empty"].shape[-1]
+    context = item.get("context") if isinstance(item, dict) else None
+    if not (isinstance(item, dict) and all(isinstance(item.get(k), torch.Tensor) and item[k].shape == latent
+                                           for k in ("mean", "std"))
+            and (context is None if width is None else
+                 isinstance(context, torch.Tensor) and context.ndim == 2 and context.shape[-1] == width)):
+        raise AudioError(f"{path}: a cache entry without the mean and std {latent}"
+                         + (f" and context (n, {width})" if width else "") + f" that meta.pt promises; {redo}")
+    return item
+
+
 def build_cache(rows, folder, vae, vae_path, text_encoder=None, text_encoder_name=None, seconds=10.0,
                 batch_size=8, workers=4, dtype=torch.float16):
-    """Encode every row not yet in `folder` (an interrupted run resumes); returns the rows that failed, as
-    (row, message). A progress bar shows clips/s."""
+    """Encode every row not yet in `folder` (an interrupted run resumes; an entry that does not read back as
+    meta.pt promises, cut short by a crash, say, is redone); returns the rows that failed, as (row, message).
+    A progress bar shows clips/s."""
     device = next(vae.parameters()).device
     sr, hop = vae.cfg.sample_rate, vae.cfg.hop
     frames = max(1, round(seconds * sr / hop))
@@ -417,7 +463,14 @@ def build_cache(rows, folder, vae, vae_path, text_encoder=None, text_encoder_nam
                              f"({', '.join(f'{k}={old.get(k)}' for k in same)}); pass another --out")
     else:
         save_atomic(meta, os.path.join(folder, "meta.pt"))
-    todo = [r for r in rows if not os.path.isfile(os.path.join(folder, cache_key(r) + ".pt"))]
+
+    def intact(row):
+        try:
+            read_cache_entry(os.path.join(folder, cache_key(row) + ".pt"), meta)
+            return True
+        except AudioError:
+            return False
+    todo = [r for r in tqdm(rows, desc="checking", unit="clip", leave=False) if not intact(r)]
     # unflipped and from the start of the clip: the cache holds one deterministic view of each clip
     reader = _StartOfClip(todo, sr, frames * hop)
     loader = torch.utils.data.DataLoader(reader, batch_size=batch_size, num_workers=workers,
@@ -574,7 +627,7 @@ def run_command(cli, argv=None):
     args = cli.parse_args(argv)
     try:
         args.run(args)
-    except (AudioError, FileNotFoundError, ValueError) as e:
+    except (AudioError, DiskFull, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 
 

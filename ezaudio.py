@@ -23,6 +23,7 @@ implementation (see tests/test_reference.py).
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -149,11 +150,13 @@ def config_from_dict(cls, d):
 # 2. EzAudio-DiT building blocks
 
 
-def timestep_embedding(t, dim=256, max_period=10000.0):
-    """Sinusoidal embedding of integer timesteps, cosines first. (B,) -> (B, dim)"""
+def timestep_embedding(t, dim=256, max_period=10000.0, dtype=torch.float32):
+    """Sinusoidal embedding of integer timesteps, cosines first. (B,) -> (B, dim). The released model computes it
+    in float32, whose rounding of t * freq (t up to 999) is the largest in the model; float64 serves the parity
+    tests, which measure that rounding."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = t.to(dtype)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -187,10 +190,12 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate query or key (B, H, L, d) by position, in float32 as the released model does."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    """Rotate query or key (B, H, L, d) by position, in float32 as the released model does (float64 stays float64,
+    for the parity tests)."""
+    x_hi = x.to(torch.promote_types(x.dtype, torch.float32))
+    x1, x2 = x_hi.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+    return (x_hi * cos + rotated * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -329,7 +334,7 @@ class TimestepEmbed(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.freq_dim))
+        return self.mlp(timestep_embedding(t, self.freq_dim, dtype=self.mlp[0].weight.dtype))
 
 
 class DiTTrunk(nn.Module):
@@ -945,8 +950,17 @@ def load_file(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({why_unloadable(e)})") from None
+
+
+def why_unloadable(error):
+    """The cause in torch.load's error as one whole sentence. Its messages run to paragraphs of advice about
+    weights_only, with the cause after "WeightsUnpickler error:" or in the first sentence; a file cut short can
+    end in an EOFError with no text at all."""
+    text = str(error)
+    _, found, cause = text.partition("WeightsUnpickler error:")
+    sentence = re.split(r"(?<=\.)\s|\n", (cause if found else text).strip(), maxsplit=1)[0]
+    return f"{type(error).__name__}: {sentence}" if sentence else f"{type(error).__name__}: the file ends early"
 
 
 def load_weights(module, state_dict, what="checkpoint"):
@@ -1138,12 +1152,39 @@ def gate_reference(audio, gate=0.0):
     return audio
 
 
-def check_edit_mask(seconds, mask_start, mask_length, boundary):
-    """ValueError unless the mask starts within a clip of `seconds` (or at its end: outpainting) and is not empty.
-    It needs only the clip's length, so that sample.py can check it before minutes of model loading."""
+def memory_of(device):
+    """Bytes of memory on `device`: a GPU's own, else the machine's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_duration(seconds, vae_cfg, device, batch=1, what="the duration"):
+    """ValueError unless `batch` clips of `seconds` fit in the memory of `device`. The measure is the VAE decoder's
+    widest layer, which holds channels x samples in float32 at least once: for the released VAE 128 channels at
+    24 kHz, 12 MB per second of audio, so about 10 000 s per 128 GB. It needs no model, so that sample.py can refuse
+    an impossible length before minutes of loading rather than after minutes of swapping."""
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"{what} must be a finite number of seconds > 0, not {seconds:g}")
+    widths = [vae_cfg.channels * m for m in (1, *vae_cfg.c_mults)]
+    rates = [vae_cfg.sample_rate / math.prod(vae_cfg.strides[:i]) for i in range(len(widths))]
+    channels, rate = max(zip(widths, rates), key=lambda wr: wr[0] * wr[1])
+    need, memory = 4 * channels * rate * seconds * batch, memory_of(device)
+    if need > memory:
+        raise ValueError(f"{what} ({seconds:g} s{f' x {batch} samples' if batch > 1 else ''}) would need at least "
+                         f"{need / 1e9:.4g} GB, more than the {memory / 1e9:.4g} GB of {device.type} memory here: "
+                         f"the VAE decoder holds {channels} channels x {rate:g} samples a second in float32; at "
+                         f"most {memory / need * seconds:.0f} s at a time")
+
+
+def check_edit_mask(seconds, mask_start, mask_length, boundary, vae_cfg, device):
+    """ValueError unless the mask starts within a clip of `seconds` (or at its end: outpainting) and is not empty,
+    and the clip it makes fits in memory. It needs only the clip's length, so that sample.py can check it before
+    minutes of model loading."""
     if not (0 <= mask_start <= seconds and mask_length > 0 and boundary >= 0):
         raise ValueError(f"the mask [{mask_start:g}, {mask_start + mask_length:g}) s must start within the "
                          f"{seconds:.2f} s clip (or at its end) and have a positive length, with a boundary >= 0")
+    check_duration(max(seconds, mask_start + mask_length), vae_cfg, device, what="the edited clip's length")
 
 
 class EzAudio:
@@ -1303,6 +1344,7 @@ class EzAudio:
         seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        check_duration(duration, self.vae.cfg, self.device, len(prompts))
         length = max(1, round(duration * self.sample_rate / self.hop))
         kw, keep = {}, length * self.hop
         if control is not None:
@@ -1325,7 +1367,7 @@ class EzAudio:
         sr, frame_rate = self.sample_rate, self.sample_rate / self.hop
         audio = torch.as_tensor(audio, dtype=torch.float32).flatten()
         seconds, mask_end = audio.numel() / sr, mask_start + mask_length
-        check_edit_mask(seconds, mask_start, mask_length, boundary)
+        check_edit_mask(seconds, mask_start, mask_length, boundary, self.vae.cfg, self.device)
         audio = audio / (audio.abs().max() + 1e-9)
         if mask_end > seconds:
             audio = F.pad(audio, (0, round((mask_end - seconds) * sr)))

@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 
 from huggingface_hub.utils import logging as hub_logging
 import soundfile as sf
@@ -52,10 +53,11 @@ def parse_args(argv=None):
     g.add_argument("--duration", type=float, help="seconds of audio (default: 10, the toy model's 2; edits keep "
                    "the input's length)")
     g.add_argument("--steps", type=int, help="DDIM steps, 1 to 1000 (default: 100, with --control 50)")
-    g.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: 5, edits and --control 3.5, "
-                   "toy 1); 0 or 1: the text alone, no guidance")
+    g.add_argument("--cfg", type=float, help="classifier-free guidance scale, >= 0 (default: 5, edits and --control "
+                   "3.5, toy 1); 0 or 1: the text alone, no guidance")
     g.add_argument("--rescale", type=float, help="guidance rescale, 0 to 1 (default: 0.75, edits and --control 0)")
-    g.add_argument("--eta", type=float, default=1.0, help="DDIM eta: 0 deterministic, 1 ancestral (default: 1)")
+    g.add_argument("--eta", type=float, default=1.0, help="DDIM eta, 0 to 1: 0 deterministic, 1 ancestral "
+                   "(default: 1)")
     g.add_argument("--seed", type=int, default=0, help="sample k of each prompt uses seed + k (default: 0)")
     g.add_argument("--negative", default="", help='negative prompt for guidance (default: "")')
     g.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default: 1)")
@@ -97,7 +99,6 @@ def parse_args(argv=None):
     for k, v in given.items():
         setattr(args, k, v if v is not None else defaults[k])
     problems = [
-        (args.duration is not None and args.duration <= 0, "--duration must be > 0"),
         (editing and args.duration is not None, "--duration does not apply to --edit: the output keeps the "
                                                 "input's length (a mask past its end extends it)"),
         (not 1 <= args.steps <= 1000, "--steps must be 1 to 1000"),
@@ -106,7 +107,9 @@ def parse_args(argv=None):
         (not control and (args.controlnet, given["control_scale"], given["gate"]) != (None, None, None),
          "--controlnet, --control-scale and --gate need --control REF.wav"),
         (not 0 <= args.rescale <= 1, "--rescale must be 0 to 1"),
-        (args.eta < 0, "--eta must be >= 0"),
+        (not 0 <= args.eta <= 1, "--eta must be 0 to 1: above 1 the DDIM step's variance would exceed the "
+                                  "noise the schedule leaves, and the sample would leave the schedule"),
+        (not args.cfg >= 0, "--cfg must be >= 0: below 0 guidance steers away from the prompt"),
         (args.num_samples < 1 or args.batch_size < 1, "--num-samples and --batch-size must be >= 1"),
         (not 0 <= args.seed <= 2 ** 63 - args.num_samples, "--seed must be 0 to 2^63 - 1, and so must the last "
                                                               "sample's, --seed + --num-samples - 1"),
@@ -116,14 +119,15 @@ def parse_args(argv=None):
                                                                               "need --edit INPUT.wav"),
         (os.path.isfile(args.out), f"--out {args.out} is a file; name a folder (it is made if missing)"),
     ]
-    names = [file_name(prompt, args.seed + k, args.edit) for prompt in args.prompts for k in range(args.num_samples)]
-    twice = next((name for name in names if names.count(name) > 1), None)
+    names = Counter(file_name(prompt, args.seed + k, args.edit) for prompt in args.prompts
+                    for k in range(args.num_samples))
+    twice = next((name for name, n in names.items() if n > 1), None)
     problems.append((twice, f"two prompts would both write {twice}; make them differ (--num-samples gives more "
                             "samples of one prompt)"))
     for bad, message in problems:
         if bad:
             p.error(message)
-    args.duration = args.duration or defaults["duration"]
+    args.duration = args.duration if args.duration is not None else defaults["duration"]
     return args
 
 
@@ -179,10 +183,16 @@ def main(argv=None):
     hub_logging.set_verbosity_error()  # no retry chatter offline: the error is one line
     start = time.time()
     try:
+        # before minutes of loading, measured against the released VAE, the largest here (generate and edit check
+        # again with the model's own)
+        device, vae_cfg = E.usable_device(args.device, DTYPES[args.dtype]), E.VAE_PRESETS["released"]
         if args.edit:
-            E.check_edit_mask(clip_seconds(args.edit), args.mask_start, args.mask_length, args.boundary)
+            E.check_edit_mask(clip_seconds(args.edit), args.mask_start, args.mask_length, args.boundary, vae_cfg,
+                              device)
+        else:
+            E.check_duration(args.duration, vae_cfg, device, min(args.batch_size, args.num_samples), what="--duration")
         if args.control:  # unreadable or silent: said before minutes of loading (at the released rate)
-            E.gate_reference(read_audio(args.control, E.VAE_PRESETS["released"].sample_rate), args.gate)
+            E.gate_reference(read_audio(args.control, vae_cfg.sample_rate), args.gate)
         model = E.EzAudio.from_pretrained(args.model, args.ckpt, args.dit_config, args.vae, args.vae_config,
                                           args.text_encoder, args.device, DTYPES[args.dtype],
                                           args.controlnet or (True if args.control else None))

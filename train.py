@@ -16,6 +16,7 @@ Read top to bottom: 1. settings  2. distributed set-up  3. the VAE stage's losse
 import argparse
 import contextlib
 import copy
+import fcntl
 import math
 import os
 import random
@@ -81,7 +82,8 @@ def parser():
     a("--init-from", help="checkpoint to start from: stage 1's for stage 2, stage 2's for stage 3 (both required; "
                           "`scratch` for random weights), or a released EzAudio file; for the VAE stage a VAE file")
     a("--resume", action="store_true", help="continue the run in --run-dir exactly where its checkpoint stopped")
-    a("--run-dir", help="where ckpt.pt, log.txt and samples/ go (default: runs/vae, runs/stage1, ...)")
+    a("--run-dir", help="where ckpt.pt, log.txt and samples/ go (default: runs/vae, runs/stage1, ...); one run "
+                        "at a time: a second on the same folder is refused")
     a = p.add_argument_group('data').add_argument
     a("--manifest", help="training clips: CSV (audio_path,caption,split[,clap_score]) or JSON Lines")
     a("--data-root", help="folder that relative audio paths start from (default: the manifest's folder)")
@@ -142,7 +144,8 @@ def parser():
       help="recompute each DiT block in the backward pass: less memory, about a third more time (default off)")
     a = p.add_argument_group('logging, checkpoints and previews').add_argument
     a("--log-every", type=int, help="steps between log lines (default 50)")
-    a("--save-every", type=int, help="steps between checkpoints (default 5000; also at the end and on SIGTERM/SIGINT)")
+    a("--save-every", type=int, help="steps between checkpoints (default 5000; also at the end, and on SIGTERM or "
+                                     "SIGINT, after which the run exits with status 143 or 130)")
     a("--sample-every", type=int, help="steps between preview samples in <run-dir>/samples, 0 = never (default 5000)")
     a("--sample-steps", type=int, help="DDIM steps of the preview samples (default 50)")
     a("--sample-prompts", nargs="+", help="prompts of the preview samples")
@@ -150,6 +153,20 @@ def parser():
 
 def fail(message):
     raise SystemExit(f"error: {message}")
+
+
+RUN_SHAPE = ("config", "vae_config", "vae", "text_encoder", "init_from")  # the flags that decide what a run trains
+
+
+def refuse_reshaping(given, resumed, path):
+    """A resumed run keeps the model it was started with: a flag of RUN_SHAPE given now with another value would be
+    ignored by the model yet written into the checkpoint, and the next stage would start from a wrong record."""
+    changed = [k for k in RUN_SHAPE if k in given and given[k] != resumed.get(k)]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {given[k]}" for k in changed)
+        runs = ", ".join(f"--{k.replace('_', '-')} {resumed.get(k)}" for k in changed)
+        fail(f"{path} is a run of {runs}; a resumed run keeps its model, so leave out {flags} (or start a new run "
+             "with another --run-dir)")
 
 
 def settings(argv=None):
@@ -176,6 +193,8 @@ def settings(argv=None):
         elif os.path.isfile(path):
             fail(f"{path} exists; pass --resume to continue that run, or another --run-dir")
         resumed = {k: v for k, v in (saved["config"]["train"] if saved else {}).items() if v is not None}
+        if saved:
+            refuse_reshaping(given, resumed, path)
         init_from = given.get("init_from", resumed.get("init_from"))
         if stage == "control" and init_from in (None, "scratch"):
             fail("a ControlNet trains beside a trained DiT: pass its checkpoint (or a released file) with --init-from")
@@ -608,6 +627,41 @@ class StopSignal:
             signal.signal(s, handler)
 
 
+def stopped_by(signal_name):
+    """The SystemExit of a run that a signal stopped after saving: the status a shell gives a process that signal
+    ends, 128 + its number (SIGINT 130, SIGTERM 143), so that `train.py ... && train.py --stage 2 ...` stops there.
+    A rank stopped by another rank's signal exits as by SIGTERM, the one torchrun passes on."""
+    return SystemExit(128 + signal.Signals[signal_name or "SIGTERM"])
+
+
+@contextlib.contextmanager
+def claimed_run_dir(run_dir):
+    """The run folder, made if missing and locked while the block runs, so that a second run on it stops at once
+    instead of writing the same checkpoint. The lock is the kernel's (flock on run_dir/lock): it goes with the
+    process however that ends, so a crash cannot leave it stuck. Holding it, the run removes a checkpoint that a
+    killed run left half-written; leaving, it removes a folder it made that a failed start left empty."""
+    made = not os.path.isdir(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "lock"), "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            fail(f"another run (process {lock.read().strip() or '?'}) is using {run_dir}; wait for it to end, or "
+                 "pass another --run-dir")
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(run_dir, "ckpt.pt.tmp"))
+        try:
+            yield
+        finally:
+            if made and os.listdir(run_dir) == ["lock"]:
+                os.remove(lock.name)
+                os.rmdir(run_dir)
+
+
 def micro_batches(dataset, position, args, rank, world, pin, skipped):
     """Batches, epoch after epoch. `position` (epoch, batches taken in it) stays current, so that a checkpoint
     resumes mid-epoch at the very next batch; `skipped` gathers the unusable rows met, {row: why}."""
@@ -978,7 +1032,10 @@ def main(argv=None):
     args, saved, init = settings(argv)
     rank, world, device = setup_distributed(args.device)
     try:
-        train(args, saved, init, rank, world, device)
+        with claimed_run_dir(args.run_dir) if rank == 0 else contextlib.nullcontext():
+            train(args, saved, init, rank, world, device)
+    except data.DiskFull as e:
+        fail(e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -1009,7 +1066,6 @@ def train(args, saved, init, rank, world, device):
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if master:
-        os.makedirs(args.run_dir, exist_ok=True)  # only now: a start that fails leaves no empty run folder behind
         n = sum(p.numel() for m in stage.models for p in m.parameters())
         log(f"stage {args.stage}: {n:,} parameters, {len(dataset)} clips, {dataset.frames} latent frames per example, "
             f"{args.batch_size} x {args.accum} x {world} examples per step, {device.type}"
@@ -1036,7 +1092,7 @@ def train(args, saved, init, rank, world, device):
                 stage.preview(os.path.join(args.run_dir, "samples", f"step{step:07d}"), dataset, args, autocast)
             if stopping:
                 log(f"stopped by {stop.received or 'another rank'} at step {step}; continue with --resume")
-                break
+                raise stopped_by(stop.received)
         else:  # finished (or nothing left to do): the final checkpoint
             if step % args.save_every or step == 0:
                 checkpoint()

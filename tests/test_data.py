@@ -2,7 +2,9 @@
 
 import csv
 import json
+import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -216,8 +218,31 @@ def test_cache_resumes_and_training_sees_the_same_latents(clips, tmp_path, offic
     item = data.CachedClips(rows, str(out), frames)[0]
     assert item["skipped"][0][0] == 1 and "unreadable cache entry" in item["skipped"][0][1]
     (out / "meta.pt").write_bytes(b"cut short")
-    with pytest.raises(ValueError, match="meta.pt: unreadable"):
+    with pytest.raises(ValueError, match="meta.pt: not a readable PyTorch checkpoint"):
         data.CachedClips(rows, str(out), frames)
+
+
+def test_cache_redoes_entries_cut_short_or_of_other_shapes(clips, tmp_path, official_vae_ckpt):
+    """Resuming checks what it resumes over: an entry a crash cut short, an empty one and one of other shapes are
+    encoded again; sound entries are left alone."""
+    out, rows = tmp_path / "cache", data.read_manifest(clips)
+    args = ["cache", "--manifest", str(clips), "--out", str(out), "--vae", str(official_vae_ckpt),
+            "--vae-config", "tiny", "--segment", str(SEGMENT), "--workers", "0", "--dtype", "float32",
+            "--device", "cpu"]
+    data.main(args)
+    paths = [out / (data.cache_key(r) + ".pt") for r in rows[:6]]
+    before = {p: p.stat().st_mtime_ns for p in paths}
+    paths[0].write_bytes(paths[0].read_bytes()[:300])
+    paths[1].write_bytes(b"")
+    torch.save({"mean": torch.zeros(8, 3), "std": torch.ones(8, 3), "context": None}, paths[2])
+    data.main(args)
+    for p in paths:
+        assert torch.load(p, weights_only=True)["mean"].shape == (8, round(SEGMENT * SR / 8))
+    assert all(p.stat().st_mtime_ns == before[p] for p in paths[3:])
+    paths[0].write_bytes(b"")  # training skips such an entry, saying how to mend it
+    with pytest.raises(data.AudioError, match="^unreadable cache entry .*run `python data.py cache` on the manifest "
+                                              "again, which redoes broken entries$"):
+        data.read_cache_entry(paths[0], data.read_cache_meta(out))
 
 
 def test_cache_stores_the_toy_text_encoder_inside(clips, tmp_path, official_vae_ckpt):
@@ -250,6 +275,28 @@ def test_cache_refuses_other_settings(clips, tmp_path, official_vae_ckpt):
     torch.save({"state_dict": {k: v + 1e-3 for k, v in ckpt["state_dict"].items()}}, vae)
     with pytest.raises(SystemExit, match="other settings or weights"):
         data.main(common)
+
+
+def test_a_full_disk_leaves_no_partial_file_and_names_the_disk_and_the_room_needed(tmp_path, monkeypatch):
+    """torch's zip writer reports a full disk as a RuntimeError ("unexpected pos"); the old file stays whole."""
+    path = tmp_path / "ckpt.pt"
+    torch.save({"step": 1}, path)
+
+    def write_then_fail(obj, f):
+        f.write(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1088 vs 1000")
+    monkeypatch.setattr(torch, "save", write_then_fail)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: SimpleNamespace(free=3_000_000))
+    disk = next(p for p in [tmp_path, *tmp_path.parents] if os.path.ismount(p))
+    with pytest.raises(data.DiskFull) as e:
+        data.save_atomic({"weights": torch.zeros(2_000_000)}, str(path))  # 8 MB
+    assert str(e.value) == (f"no room for {path} on the disk mounted at {disk}: it needs about 8 MB and 3 MB are "
+                            "free; free some space and run again")
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and torch.load(path, weights_only=True) == {"step": 1}
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: SimpleNamespace(free=10 ** 12))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with room to spare, that is another fault: shown
+        data.save_atomic({"weights": torch.zeros(2_000_000)}, str(path))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 # -----------------------------------------------------------------------------

@@ -272,3 +272,21 @@ def test_missing_and_corrupt_files(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(E.CheckpointError, match="not a readable"):
         E.load_file(tmp_path / "bad.pt")
+
+
+def test_unreadable_files_are_named_in_one_whole_sentence(tmp_path):
+    """torch.load's own messages run to paragraphs; the cause comes out whole, on one line, never cut short."""
+    import argparse
+    torch.save({"x": torch.zeros(1000)}, tmp_path / "good.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:2000])  # a copy that stopped early
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({"args": argparse.Namespace(lr=1)}, tmp_path / "pickled.pt")  # not plain data
+    expected = {"cut.pt": "RuntimeError: PytorchStreamReader failed reading zip archive: failed finding central "
+                          "directory.",
+                "empty.pt": "EOFError: the file ends early",
+                "pickled.pt": "UnpicklingError: Unsupported global: GLOBAL argparse.Namespace was not an allowed "
+                              "global by default."}
+    for name, cause in expected.items():
+        with pytest.raises(E.CheckpointError) as err:
+            E.load_file(tmp_path / name)
+        assert str(err.value) == f"{tmp_path / name}: not a readable PyTorch checkpoint ({cause})"

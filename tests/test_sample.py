@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -290,8 +291,16 @@ BAD = [  # (flags replacing or adding to the tiny models' flags, what the messag
     (["--text-encoder", "{tmp}/no_t5"], "cannot load the text encoder"),
     (["--text-encoder", "{tmp}/bert"], "is a bert model, not a T5"),
     (["--model", "s3_xxl"], "invalid choice: 's3_xxl'"),
-    (["--duration", "0"], "--duration must be > 0"),
-    (["--duration", "-1"], "--duration must be > 0"),
+    (["--duration", "0"], "--duration must be a finite number of seconds > 0, not 0"),
+    (["--duration", "-1"], "--duration must be a finite number of seconds > 0, not -1"),
+    (["--duration", "inf"], "--duration must be a finite number of seconds > 0, not inf"),
+    (["--duration", "nan"], "--duration must be a finite number of seconds > 0, not nan"),
+    (["--duration", "1e300"], "--duration (1e+300 s) would need at least"),
+    (["--duration", "1e8"], "GB of cpu memory here: the VAE decoder holds 128 channels x 24000 samples a second"),
+    (["--eta", "2"], "--eta must be 0 to 1: above 1 the DDIM step's variance"),
+    (["--eta", "-0.5"], "--eta must be 0 to 1"),
+    (["--cfg", "-2"], "--cfg must be >= 0"),
+    (["--cfg", "nan"], "--cfg must be >= 0"),
     (["--steps", "0"], "--steps must be 1 to 1000"),
     (["--rescale", "2"], "--rescale must be 0 to 1"),
     (["--num-samples", "0"], "--num-samples"),
@@ -305,6 +314,12 @@ BAD = [  # (flags replacing or adding to the tiny models' flags, what the messag
     (["--edit", "{tmp}/clip.wav", "--mask-start", "0.5", "--mask-length", "0.01"], "must start within the 0.10 s"),
     (["--edit", "{tmp}/clip.wav", "--mask-start", "0.01", "--mask-length", "-1"], "positive length"),
     (["--edit", "{tmp}/clip.wav", "--mask-start", "0.01", "--mask-length", "0.0001"], "at least one latent frame"),
+    (["--edit", "{tmp}/clip.wav", "--mask-start", "0.05", "--mask-length", "1e9"],
+     "the edited clip's length (1e+09 s) would need at least"),
+    (["--edit", "{tmp}/clip.wav", "--mask-start", "0.05", "--mask-length", "inf"],
+     "the edited clip's length must be a finite number of seconds > 0, not inf"),
+    (["--edit", "{tmp}/clip.wav", "--mask-start", "nan", "--mask-length", "1"], "must start within the 0.10 s"),
+    (["--edit", "{tmp}/clip.wav", "--mask-start", "0.05", "--mask-length", "nan"], "positive length"),
     (["--edit", "{tmp}/clip.wav"], "--edit needs --mask-start and --mask-length"),
     (["--mask-start", "1"], "need --edit"),
     (["--out", "{tmp}/clip.wav"], "is a file; name a folder"),
@@ -335,11 +350,11 @@ def test_bad_input_gets_one_line(model_flags, bad_files, flags, message):
 
 
 EARLY = [(flags, message) for flags, message in BAD  # but a mask under one latent frame: that needs the model
-         if "--edit" in flags and "at least one latent frame" not in message]
+         if {"--edit", "--duration", "--eta", "--cfg"} & set(flags) and "at least one latent frame" not in message]
 
 
 @pytest.mark.parametrize("flags, message", EARLY, ids=[m for _, m in EARLY])
-def test_bad_edit_clip_or_mask_fails_before_the_model_loads(model_flags, bad_files, monkeypatch, flags, message):
+def test_bad_edit_clip_mask_or_duration_fails_before_the_model_loads(model_flags, bad_files, monkeypatch, flags, message):
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded")
     monkeypatch.setattr(E.EzAudio, "from_pretrained", load)
@@ -356,6 +371,29 @@ def test_vae_config_that_does_not_fit_the_vae(model_flags, bad_files):
 def test_two_prompts_writing_the_same_file(model_flags):
     with pytest.raises(SystemExit, match="two prompts would both write a_dog_s0.wav"):
         sample.main(["A dog!", "a dog?", *model_flags])
+
+
+def test_many_samples_are_checked_for_clashing_names_at_once():
+    start = time.perf_counter()
+    assert sample.parse_args(["a dog", "a cat", "--num-samples", "100000"]).num_samples == 100000
+    assert time.perf_counter() - start < 2  # comparing each name with every other took two minutes
+
+
+def test_the_duration_is_bounded_by_the_memory_it_needs(model, monkeypatch):
+    """In the Python API too, where the audio is allocated: the tiny VAE's widest layer holds 8 channels at 24 kHz,
+    768 kB a second; with memory for 10 s of it, 11 s (or two samples of 6 s, or an edit out to 11 s) are refused."""
+    monkeypatch.setattr(E, "memory_of", lambda device: 10 * 8 * SR * 4)
+    with pytest.raises(ValueError, match=r"^the duration \(11 s\) would need at least 0.008448 GB, more than the "
+                                         r"0.00768 GB of cpu memory here: the VAE decoder holds 8 channels x 24000 "
+                                         r"samples a second in float32; at most 10 s at a time$"):
+        model.generate(["a dog"], duration=11)
+    with pytest.raises(ValueError, match=r"\(6 s x 2 samples\) would need at least"):
+        model.generate(["a dog", "a cat"], duration=6)
+    with pytest.raises(ValueError, match=r"^the edited clip's length \(11 s\) would need"):
+        model.edit(torch.ones(2400), "a cat", mask_start=0.1, mask_length=10.9)
+    with pytest.raises(ValueError, match="finite number of seconds > 0, not nan"):
+        model.generate(["a dog"], duration=float("nan"))
+    assert model.generate(["a dog"], duration=0.01, steps=1).shape == (1, 240)
 
 
 def test_released_weights_offline_and_not_cached(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """train.py with tiny configs on a few generated WAVs, on the CPU: every stage, the stage hand-over, exact
 resume, bad rows, the cache, non-finite losses, and (slow) torchrun with two ranks and a stop signal."""
 
+import errno
 import os
 import re
 import signal
@@ -123,6 +124,47 @@ def test_min_timestep_reaches_the_loss(clips, tmp_path, official_vae_ckpt, monke
 def test_a_run_folder_is_not_overwritten(stage1, clips):
     with pytest.raises(SystemExit, match="--resume"):
         train.settings(["--stage", "1", "--manifest", str(clips), "--run-dir", str(stage1.parent)])
+
+
+def test_resume_refuses_flags_that_would_change_the_model(stage1):
+    """They would be ignored by the model yet written into the checkpoint, where the next stage reads them."""
+    run = str(stage1.parent)
+    with pytest.raises(SystemExit, match=r"^error: .*ckpt.pt is a run of --config tiny, --vae-config tiny; a resumed "
+                                         r"run keeps its model, so leave out --config XL, --vae-config released \("):
+        train.settings(["--resume", "--run-dir", run, "--config", "XL", "--vae-config", "released"])
+    args, saved, _ = train.settings(["--resume", "--run-dir", run, "--config", "tiny", "--max-steps", "4"])
+    assert (args.config, args.max_steps, saved["step"]) == ("tiny", 4, 3)  # its own value, and other flags, pass
+
+
+def test_one_run_per_folder_and_a_killed_runs_partial_checkpoint_removed(clips, tmp_path, official_vae_ckpt):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # as a run killed while saving leaves it
+    message = f"^error: another run \\(process {os.getpid()}\\) is using {re.escape(str(run))}; wait for it to end"
+    with train.claimed_run_dir(str(run)):
+        assert not (run / "ckpt.pt.tmp").exists()
+        with pytest.raises(SystemExit, match=message):
+            with train.claimed_run_dir(str(run)):
+                pass
+        with pytest.raises(SystemExit, match=message):  # the whole run, before it writes anything
+            train.main(["--stage", "1", "--config", "tiny", "--manifest", str(clips), "--vae",
+                        str(official_vae_ckpt), "--vae-config", "tiny", "--run-dir", str(run), "--max-steps", "1",
+                        *FAST])
+        assert os.listdir(run) == ["lock"]
+    with train.claimed_run_dir(str(run)):  # the holder's file closed, as when it ends, however it ends
+        pass
+
+
+def test_a_full_disk_while_saving_is_one_line(clips, tmp_path, official_vae_ckpt, monkeypatch):
+    def full(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit, match=f"^error: no room for {re.escape(str(run / 'ckpt.pt'))} on the disk mounted "
+                                         "at .*: it needs about .* MB and .* MB are free; free some space and run"):
+        train.main(["--stage", "1", "--config", "tiny", "--manifest", str(clips), "--vae", str(official_vae_ckpt),
+                    "--vae-config", "tiny", "--run-dir", str(run), "--max-steps", "1", *FAST])
+    assert sorted(os.listdir(run)) == ["lock", "log.txt"]  # no partial checkpoint
 
 
 def test_weight_decay_only_on_linear_and_conv_weights():
@@ -481,7 +523,26 @@ def test_torchrun_two_ranks_hold_identical_weights(clips, tmp_path, official_vae
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_the_run_resumes(clips, tmp_path, official_vae_ckpt):
+def test_a_killed_run_leaves_no_lock(tmp_path):
+    """SIGKILL gives a process no time to clean up; the kernel drops its flock all the same."""
+    code = (f"import train, time\nwith train.claimed_run_dir({str(tmp_path)!r}):\n    print('held', flush=True)\n"
+            "    time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=python_env())
+    assert proc.stdout.readline() == "held\n"
+    with pytest.raises(SystemExit, match="another run"):
+        with train.claimed_run_dir(str(tmp_path)):
+            pass
+    proc.kill()
+    proc.wait(timeout=60)
+    with train.claimed_run_dir(str(tmp_path)):
+        pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_signal_saves_exits_as_shells_expect_and_the_run_resumes(clips, tmp_path, official_vae_ckpt, stop,
+                                                                       status):
+    """Non-zero, so that `train.py --stage 1 ... && train.py --stage 2 ...` does not go on from half a run."""
     run = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), "--stage", "1", "--config", "tiny", "--manifest", str(clips),
            "--vae", str(official_vae_ckpt), "--vae-config", "tiny", "--run-dir", str(run), "--max-steps", "100000",
@@ -491,10 +552,10 @@ def test_sigterm_saves_and_the_run_resumes(clips, tmp_path, official_vae_ckpt):
     while not ((run / "log.txt").exists() and "step 2/" in (run / "log.txt").read_text()):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0
+    proc.send_signal(stop)
+    assert proc.wait(timeout=120) == status
     step = load(run / "ckpt.pt")["step"]
-    assert step >= 2 and f"stopped by SIGTERM at step {step}" in (run / "log.txt").read_text()
+    assert step >= 2 and f"stopped by {stop.name} at step {step}" in (run / "log.txt").read_text()
     train.main(["--resume", "--run-dir", str(run), "--max-steps", str(step + 1)])
     assert load(run / "ckpt.pt")["step"] == step + 1
 
