@@ -24,7 +24,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 import ezaudio as E
-from data import load_vae, read_audio, read_manifest, run_command, save_atomic, write_manifest
+from data import AudioError, load_vae, read_audio, read_manifest, run_command, save_atomic, write_manifest
 
 
 # -----------------------------------------------------------------------------
@@ -236,6 +236,8 @@ def measure(audio, sr=SAMPLE_RATE):
     pitch that fundamental's band (None outside every band). Tones also report "f0" (Hz), whistles "glide"
     (octaves)."""
     audio = np.asarray(audio, dtype=np.float64)
+    if not np.isfinite(audio).all():  # a sampler gone wrong: nothing a listener could hear as the caption
+        return {"kind": None}
     level = loudness(audio, sr)
     if level < SILENCE:
         return {"kind": None}
@@ -273,8 +275,9 @@ def score(pairs):
 
 def score_folder(folder, split=None):
     """Score the WAVs of `folder`: captions from its manifest.csv (rows of `split` only, when given), or, without
-    one, from the file names ("two_high_beeps_s0.wav", as sample.py names them). Returns score's
-    {property: (correct, total)}."""
+    one, from the file names ("two_high_beeps_s0.wav", as sample.py names them). A clip that cannot be read is
+    wrong on every property its caption states. Returns score's {property: (correct, total)} and the files whose
+    caption names no toy sound, which are not scored."""
     folder = Path(folder)
     if (folder / "manifest.csv").is_file():
         items = [(r["path"], r["caption"]) for r in read_manifest(folder / "manifest.csv", split=split, captions=True)]
@@ -283,11 +286,19 @@ def score_folder(folder, split=None):
     if not items:
         raise ValueError(f"{folder}: no clips to score; give a folder of WAVs, with a manifest.csv or with "
                          "captions as file names")
-    return score((caption, measure(read_audio(path, SAMPLE_RATE).numpy())) for path, caption in items)
+    heard = []
+    for path, caption in items:
+        try:
+            heard.append((caption, measure(read_audio(path, SAMPLE_RATE).numpy())))
+        except AudioError:
+            heard.append((caption, {"kind": None}))
+    return score(heard), [str(path) for path, caption in items if parse_caption(caption) is None]
 
 
-def format_scores(scores):
-    lines = [f"{'property':<10} {'clips':>6} {'accuracy':>9}"]
+def format_scores(scores, unscored=()):
+    lines = [f"could not score {len(unscored)} file(s), whose captions name no toy sound: {', '.join(unscored)}"
+             ] if unscored else []
+    lines += [f"{'property':<10} {'clips':>6} {'accuracy':>9}"]
     lines += [f"{p:<10} {n:>6} {100 * c / n:>8.1f}%" for p, (c, n) in scores.items()]
     return "\n".join(lines)
 
@@ -496,7 +507,7 @@ def parser():
     p = sub.add_parser("score", help="measure clips and print per-property accuracy against their captions")
     p.add_argument("folder", help="folder of WAVs with a manifest.csv, or with captions as file names")
     p.add_argument("--split", default=None, help="score only the manifest rows of this split (e.g. test)")
-    p.set_defaults(run=lambda a: print(format_scores(score_folder(a.folder, a.split))))
+    p.set_defaults(run=lambda a: print(format_scores(*score_folder(a.folder, a.split))))
     p = sub.add_parser("follow", help="how well the toy model's ControlNet follows the loudness of test clips")
     p.add_argument("world", help="folder made by `make` whose test clips serve as references")
     p.add_argument("--clips", type=int, default=42, help="how many test clips (default: 42, two of each class)")

@@ -199,6 +199,18 @@ def test_toy_score_reads_captions_from_file_names(tmp_path, capsys):
     assert "pitch           2    100.0%" in capsys.readouterr().out
 
 
+def test_toy_score_counts_broken_clips_as_wrong_and_names_what_it_cannot_score(tmp_path, capsys):
+    good = {"kind": "tone", "count": 2, "pitch": "high", "timbre": "beep"}
+    sf.write(tmp_path / "two_high_beeps_s0.wav", clip(good), 16000, subtype="FLOAT")
+    sf.write(tmp_path / "two_high_beeps_s1.wav", np.full(32000, np.nan, np.float32), 16000, subtype="FLOAT")
+    (tmp_path / "two_high_beeps_s2.wav").write_bytes(b"not a wav")
+    sf.write(tmp_path / "untitled_s0.wav", clip(good), 16000)
+    T.main(["score", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "could not score 1 file(s), whose captions name no toy sound: " in out and "untitled_s0.wav" in out
+    assert "kind            3     33.3%" in out and "pitch           3     33.3%" in out
+
+
 def test_toy_score_of_an_empty_folder_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match="error: .*no clips to score"):
         T.main(["score", str(tmp_path)])
