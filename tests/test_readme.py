@@ -6,7 +6,9 @@ import re
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 import bench
 import data
@@ -72,12 +74,15 @@ def test_every_readme_command_parses():
 @pytest.mark.slow
 def test_the_readme_toy_commands_and_python_run_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    facts = {"kind": "tone", "count": 3, "pitch": "low", "timbre": "buzz"}  # the reference a reader would bring
+    sf.write(tmp_path / "ref.wav", toy.render(facts, np.random.default_rng(0)), toy.SAMPLE_RATE)
     ran = []
     for script, argv in commands():
         if runs_offline(script, argv):
             {"sample.py": sample.main, "toy.py": toy.main}[script](argv)
             ran.append(argv[0] if script == "toy.py" else script)
-    assert ran[-3:] == ["sample.py", "score", "spectrogram"] and (tmp_path / "samples" / "toy.png").is_file()
+    assert ran == ["sample.py", "sample.py", "score", "spectrogram", "sample.py"]  # set-up, quick start, control
+    assert (tmp_path / "samples" / "toy.png").is_file()
     assert "100.0%" in capsys.readouterr().out
     for block in code_blocks("python"):
         assert '"toy"' in block  # the README's Python runs offline
