@@ -1052,10 +1052,11 @@ def controlnet_from_checkpoint(ckpt, dit_cfg, name="checkpoint"):
 
 HUB_REPO = "OpenSound/EzAudio"
 MODELS = {  # the names --model takes: `hub_file`, a released DiT in HUB_REPO, with its preset and text encoder;
-    # or `file`, one of this project's checkpoints (which carry their configs), relative to this folder
+    # or `file`, one of this project's checkpoints (which carry their configs), relative to this folder; and a
+    # `controlnet` of the same origin where the model has one
     "s3_xl": dict(hub_file="ckpts/s3/ezaudio_s3_xl.pt", dit="XL", text_encoder="google/flan-t5-xl"),
     "s3_l": dict(hub_file="ckpts/s3/ezaudio_s3_l.pt", dit="L", text_encoder="google/flan-t5-large",
-                 controlnet="ckpts/controlnet/s3_l_energy.pt"),  # `controlnet`: its released ControlNet in HUB_REPO
+                 controlnet="ckpts/controlnet/s3_l_energy.pt"),
     # the toy world's model (toy.py), trained on a CPU by the README's recipe; `sampling` replaces the paper's
     # defaults in sample.py: its clips are 2 s long, and guidance costs it count (README)
     "toy": dict(file="assets/toy.pt", controlnet="assets/toy_control.pt", sampling=dict(duration=2.0, guidance=1.0)),
@@ -1233,8 +1234,9 @@ class EzAudio:
           vae_config    of a released-format VAE: a VAEConfig or its JSON file; by default a config.json beside
                         the --vae file, else the config the checkpoint holds, else the released one
           text_encoder  a hub name or a save_pretrained folder; by default the one the checkpoint holds or names
-          controlnet    True: the released ControlNet of the model (EzAudio-L's, downloaded on first use), also of a
-                        --ckpt with the released model's shapes; or a local released-format ControlNet file"""
+          controlnet    True: the model's own ControlNet (EzAudio-L's is downloaded on first use; the toy's ships
+                        here), also of a --ckpt with a released model's shapes; or a local file, released-format or
+                        a run of train.py --stage control (which, given as ckpt, brings the DiT it names)"""
         device = usable_device(device, dtype)  # before minutes of loading
         known = sampling = None  # the name in MODELS of the DiT, given or recognised by its shapes
         if ckpt is None:

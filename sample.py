@@ -80,8 +80,8 @@ def parse_args(argv=None):
     g.add_argument("--control-scale", type=float, metavar="S", help="strength of the ControlNet (default: 1)")
     g.add_argument("--gate", type=float, metavar="G", help="reference samples at or below G, after peak "
                    "normalisation, count as silence (the published surpass_noise; default: 0)")
-    g.add_argument("--controlnet", metavar="PATH", help="a local released-format ControlNet (default: the "
-                   "model's released one, downloaded on first use)")
+    g.add_argument("--controlnet", metavar="PATH", help="a local ControlNet: released-format, or a run of train.py "
+                   "--stage control (default: the model's own, downloaded on first use)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="samples", metavar="DIR", help="folder for the WAVs (default: samples)")
     g.add_argument("--subtype", default="FLOAT", choices=["FLOAT", "PCM_16", "PCM_24"],

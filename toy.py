@@ -382,18 +382,17 @@ def follows(sample, reference):
     return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum())) if a.any() and b.any() else 0.0
 
 
-def follow_scores(pipe, world, clips, steps=50, batch=8):
+def follow_scores(pipe, world, clips, steps=50):
     """How well `pipe` follows references it never trained on: the first `clips` test clips of a world made by
     `make`, each sampled for its own caption with the clip as its control and, with the same seed, without.
     Returns the two lists of `follows`."""
     rows = read_manifest(Path(world) / "manifest.csv", split="test", captions=True)[:clips]
     with_control, without = [], []
-    for i in tqdm(range(0, len(rows), batch), desc="follow", unit="batch", leave=False):
-        for k, row in enumerate(rows[i:i + batch], i):
-            reference = read_audio(row["path"], pipe.sample_rate)
-            kw = dict(duration=len(reference) / pipe.sample_rate, steps=steps, seed=k)
-            with_control.append(follows(pipe.generate([row["caption"]], control=reference, **kw)[0], reference))
-            without.append(follows(pipe.generate([row["caption"]], **kw)[0], reference))
+    for k, row in enumerate(tqdm(rows, desc="follow", unit="clip", leave=False)):
+        reference = read_audio(row["path"], pipe.sample_rate)
+        kw = dict(duration=len(reference) / pipe.sample_rate, steps=steps, seed=k)
+        with_control.append(follows(pipe.generate([row["caption"]], control=reference, **kw)[0], reference))
+        without.append(follows(pipe.generate([row["caption"]], **kw)[0], reference))
     return with_control, without
 
 

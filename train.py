@@ -73,7 +73,7 @@ DEFAULT_TEXT_ENCODERS = ({m["dit"]: m["text_encoder"] for m in E.MODELS.values()
 def parser():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], argument_default=argparse.SUPPRESS,
                                 epilog="Defaults are the paper's, and the released recipe's for the VAE.")
-    a = p.add_argument_group('what to train').add_argument
+    a = p.add_argument_group("what to train").add_argument
     a("--stage", choices=list(STAGES), help="vae: the waveform VAE; 1: masked diffusion on unlabeled audio; "
                                             "2: add text, CLAP-filtered synthetic captions; 3: human captions; "
                                             "control: an energy ControlNet beside the frozen DiT of --init-from")
@@ -84,7 +84,7 @@ def parser():
     a("--resume", action="store_true", help="continue the run in --run-dir exactly where its checkpoint stopped")
     a("--run-dir", help="where ckpt.pt, log.txt and samples/ go (default: runs/vae, runs/stage1, ...); one run "
                         "at a time: a second on the same folder is refused")
-    a = p.add_argument_group('data').add_argument
+    a = p.add_argument_group("data").add_argument
     a("--manifest", help="training clips: CSV (audio_path,caption,split[,clap_score]) or JSON Lines")
     a("--data-root", help="folder that relative audio paths start from (default: the manifest's folder)")
     a("--split", help="train on the manifest rows of this split, when it has a split column (default: train)")
@@ -99,7 +99,7 @@ def parser():
     a("--flip", type=float, help="probability of flipping a clip's polarity (default 0.5)")
     a("--min-clap", type=float, help="train on rows with clap_score >= this, 0 = all (default 0.40 in stage 2, else 0)")
     a("--workers", type=int, help="data-loading processes per GPU (default 4)")
-    a = p.add_argument_group('optimisation').add_argument
+    a = p.add_argument_group("optimisation").add_argument
     a("--batch-size", type=int, help="examples per process per micro-batch (default 16)")
     a("--accum", type=int, help="micro-batches per optimiser step (default 1)")
     a("--max-steps", type=int, help="optimiser steps (default: 100K, 50K, 30K for stages 1-3; 1M for the VAE)")
@@ -114,7 +114,7 @@ def parser():
     a("--ema", type=float, help="decay of an EMA of the DiT's weights, 0 = none (default 0; e.g. 0.9999)")
     a("--seed", type=int, help="random seed; rank r draws from seed + r (default 0)")
     a("--max-nonfinite", type=int, help="stop after this many non-finite losses in a row (default 20)")
-    a = p.add_argument_group('DiT stages').add_argument
+    a = p.add_argument_group("DiT stages").add_argument
     a("--mae-prob", type=float, help="probability that an example is span-masked rather than fully masked "
                                      "(default 0.25; 0.1 in stage 2)")
     a("--min-timestep", type=int, help="DiT stages: draw training timesteps from [this, 1000) only (default 0, the "
@@ -122,7 +122,7 @@ def parser():
                                        "layout, such as how many events it has, is decided")
     a("--text-dropout", type=float, help="fraction of captions replaced by \"\" for classifier-free guidance "
                                          "(default 0.1)")
-    a = p.add_argument_group('VAE stage').add_argument
+    a = p.add_argument_group("VAE stage").add_argument
     a("--disc-lr", type=float, help="VAE stage: the discriminator's learning rate (default 3e-4)")
     a("--disc-filters", type=int, help="VAE stage: channels of the discriminator's convolutions, 0 = no "
                                        "discriminator, hence no adversarial and feature-matching losses (default 64)")
@@ -134,7 +134,7 @@ def parser():
     a("--a-weighting", action=argparse.BooleanOptionalAction,
       help="VAE stage: A-weight the audio before the spectral loss (default on, the released recipe; "
            "--no-a-weighting for audio whose low tones matter, such as the toy world's)")
-    a = p.add_argument_group('speed and memory').add_argument
+    a = p.add_argument_group("speed and memory").add_argument
     a("--device", choices=["cuda", "cpu"], help="where to train (default: cuda when torch sees a GPU); under "
                                                 "torchrun each process takes the GPU numbered by its LOCAL_RANK")
     a("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="autocast precision: auto = bf16 on GPUs that "
@@ -142,7 +142,7 @@ def parser():
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default off)")
     a("--grad-checkpointing", action=argparse.BooleanOptionalAction,
       help="recompute each DiT block in the backward pass: less memory, about a third more time (default off)")
-    a = p.add_argument_group('logging, checkpoints and previews').add_argument
+    a = p.add_argument_group("logging, checkpoints and previews").add_argument
     a("--log-every", type=int, help="steps between log lines (default 50)")
     a("--save-every", type=int, help="steps between checkpoints (default 5000; also at the end, and on SIGTERM or "
                                      "SIGINT, after which the run exits with status 143 or 130)")
@@ -150,6 +150,7 @@ def parser():
     a("--sample-steps", type=int, help="DDIM steps of the preview samples (default 50)")
     a("--sample-prompts", nargs="+", help="prompts of the preview samples")
     return p
+
 
 def fail(message):
     raise SystemExit(f"error: {message}")
@@ -175,7 +176,7 @@ def settings(argv=None):
     given = vars(parser().parse_args(argv))
     resume = given.pop("resume", False)
     stage = given.get("stage")
-    run_dir = given.get("run_dir") or (stage and os.path.join("runs", "vae" if stage == "vae" else f"stage{stage}"))
+    run_dir = given.get("run_dir") or (stage and os.path.join("runs", f"stage{stage}" if stage.isdigit() else stage))
     path = run_dir and os.path.join(run_dir, "ckpt.pt")
     saved = init = None
     try:

@@ -621,9 +621,11 @@ def test_a_cached_control_stage_learns_from_the_cached_envelopes(stage3, clips, 
     assert load(tmp_path / "run" / "ckpt.pt")["stage"] == "control"
 
 
-def test_the_control_stage_needs_a_dit(clips, tmp_path):
+def test_the_control_stage_needs_a_dit_and_runs_in_runs_control(stage3, clips, tmp_path):
     with pytest.raises(SystemExit, match="ControlNet trains beside a trained DiT: pass its checkpoint"):
         train.settings(["--stage", "control", "--manifest", str(clips), "--run-dir", str(tmp_path / "c")])
+    args, _, _ = train.settings(["--stage", "control", "--manifest", str(clips), "--init-from", str(stage3)])
+    assert args.run_dir == os.path.join("runs", "control")
 
 
 @pytest.mark.slow
