@@ -252,6 +252,13 @@ def test_bench_runs(capsys):
     assert "ms/step" in lines[1] and "RTF" in lines[2] and "real time" in lines[3]
 
 
+def test_bench_fast_sampling_runs(capsys):
+    bench.main(["--preset", "tiny", "--device", "cpu", "--dtype", "bf16", "--duration", "0.01", "--steps", "2",
+                "--warmup", "0", "--iters", "1", "--what", "sample", "--fast"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith(", fast") and "RTF" in lines[1]
+
+
 def test_bench_rejects_mismatched_presets():
     with pytest.raises(SystemExit, match="^error: .*latent widths"):
         bench.main(["--preset", "L", "--vae", "tiny"])
