@@ -16,6 +16,7 @@ setting is a 10 s clip with 100 steps:
 
     python bench.py --preset tiny
     python bench.py --preset XL --device cuda --duration 10 --steps 100
+    python bench.py --preset XL --device cuda --duration 10 --steps 100 --what sample --fast
     python bench.py --preset L --device cuda --batch 16 --what train
 """
 
@@ -163,7 +164,7 @@ def bench_sample(args, device, dtype):
     dit_cfg, vae_cfg = DIT_PRESETS[args.preset], VAE_PRESETS[args.vae]
     vae = WaveformVAE(vae_cfg)
     pipe = EzAudio(random_dit(dit_cfg, device), vae, random_text_encoder(args.preset, dit_cfg.context_dim, device),
-                   device, dtype)
+                   device, dtype, fast=args.fast)
     if args.compile:
         pipe.dit.compile()
     length = max(1, round(args.duration * vae_cfg.sample_rate / vae_cfg.hop))
@@ -176,9 +177,8 @@ def bench_sample(args, device, dtype):
     (context, mask), (neg_context, neg_mask) = encode_text()
 
     def dit_loop():
-        with autocast(device, dtype):
-            return pipe.diffusion.sample(pipe.dit, context, mask, neg_context, neg_mask, length=length,
-                                         steps=args.steps, guidance=args.guidance)
+        return pipe.sample_latents(context, mask, neg_context, neg_mask, length=length, steps=args.steps,
+                                   guidance=args.guidance)
 
     @torch.inference_mode()
     def decode():
@@ -253,6 +253,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=5.0, help="CFG scale; 1 turns CFG (and its second half) off")
     p.add_argument("--sample-batch", type=int, default=1, help="clips generated at once")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT (compiling happens in the warm-up)")
+    p.add_argument("--fast", action="store_true", help="sampling as sample.py --fast: the DiT's weights in --dtype, "
+                   "and on CUDA each step one CUDA graph (captured anew in every timed run, so its cost is counted)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     p.add_argument("--iters", type=int, default=3, help="timed runs; the median is reported")
     p.add_argument("--peak-flops", type=float, default=312e12,
@@ -280,7 +282,7 @@ def main(argv=None):
                          "latent widths; pick a matching --vae")
     torch.manual_seed(0)
     print(f"ezaudio bench: DiT {args.preset}, VAE {args.vae}, {args.dtype}, {machine(device)}, "
-          f"torch {torch.__version__}" + (", compiled" if args.compile else ""))
+          f"torch {torch.__version__}" + (", compiled" if args.compile else "") + (", fast" if args.fast else ""))
     if "train" in args.what:
         bench_train(args, device, dtype)
     if "sample" in args.what:

@@ -334,7 +334,9 @@ class TimestepEmbed(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.freq_dim, dtype=self.mlp[0].weight.dtype))
+        # at least float32: in bfloat16, t * freq for t near 999 would be off by up to 4 radians
+        dtype = self.mlp[0].weight.dtype
+        return self.mlp(timestep_embedding(t, self.freq_dim, dtype=torch.promote_types(dtype, torch.float32)).to(dtype))
 
 
 class DiTTrunk(nn.Module):
@@ -358,9 +360,10 @@ class DiTTrunk(nn.Module):
         """Tokens (B, L, D) of the model input x (B, 2C+1, L), and what every block takes besides them: the timestep
         token (B, D), the shared modulation (B, 6D), the embedded text (B, Lc, D), its mask and the RoPE tables."""
         time_token = F.silu(self.time_embed(t))  # computed once per step, shared by every block
+        dtype = self.time_ada.weight.dtype  # the sampler's float32 latents meet weights cast to bfloat16 here
         if context is not None:
-            context = self.context_embed(context)
-        x = self.patch_embed(x)
+            context = self.context_embed(context.to(dtype))
+        x = self.patch_embed(x.to(dtype))
         return x, (time_token, self.time_ada(time_token), context, context_mask, rotary(x.shape[1], x.device))
 
     def run(self, block, x, shared, skip=None):
@@ -530,7 +533,7 @@ class ControlNet(DiTTrunk):
         """Residuals, one (B, L, D) per in-block in in-block order, for the DiT's input x (B, 2C+1, L) as
         EzAudioDiT.assemble_input makes it, and a condition (B, 1, F) at 2^k times the latent rate."""
         x, shared = self.embed(x, t, context, context_mask, self.in_blocks[0].attn.rotary)
-        x = x + self.controlnet_pre(condition, condition_mask)
+        x = x + self.controlnet_pre(condition.to(x.dtype), condition_mask)
         residuals = []
         for block, zero in zip(self.in_blocks, self.controlnet_zero_blocks):
             x = self.run(block, x, shared)
@@ -750,10 +753,12 @@ class Diffusion(nn.Module):
 
     def step(self, v, t, x, steps, eta=0.0, noise=None):
         """One DDIM update from integer timestep t to t - T // steps (Song et al., "Denoising Diffusion Implicit
-        Models", 2021, eq. 12 with sigma from eq. 16), with x0 and eps read off the predicted velocity."""
+        Models", 2021, eq. 12 with sigma from eq. 16), with x0 and eps read off the predicted velocity. t: an integer,
+        or a tensor (1,) on the schedule's device, which keeps the step free of host reads, as a CUDA graph needs."""
+        t = torch.as_tensor(t, device=self.alphas_cumprod.device).view(1)
         t_prev = t - self.num_train_timesteps // steps
         a_t = self.alphas_cumprod[t]
-        a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(a_t)
+        a_prev = torch.where(t_prev >= 0, self.alphas_cumprod[t_prev.clamp(min=0)], 1.0)
         x0, eps = self.x0_and_eps(x, v, t)
         std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         # 1 - abar_prev - std^2 is 0 in exact arithmetic at the first step with eta = 1; float32 can dip below it
@@ -765,7 +770,7 @@ class Diffusion(nn.Module):
     @torch.inference_mode()
     def sample(self, dit, context, context_mask, neg_context=None, neg_mask=None, *, length=None, steps=100,
                guidance=5.0, rescale=0.75, eta=1.0, gt=None, mask=None, generator=None, noise=None, batch=1,
-               controlnet=None, condition=None, control_scale=1.0, progress=False):
+               controlnet=None, condition=None, control_scale=1.0, progress=False, capture=None):
         """Generate latents (B, C, length) by DDIM from pure noise, guided by the text (classifier-free guidance
         against `neg_context` when given). Editing: pass the known latent `gt` (B, C, L) and `mask` (B, 1 or C, L),
         True where frames are to be generated; the known frames are copied back at the end. Without text (a
@@ -774,7 +779,10 @@ class Diffusion(nn.Module):
 
         Random numbers come from `generator` in the order of the released pipeline: first the initial noise,
         then, when eta > 0, one tensor of the same shape at every step. A list of generators, one per sample, gives
-        each sample the numbers it would draw alone (see `randn`)."""
+        each sample the numbers it would draw alone (see `randn`).
+
+        `capture` turns one step, a function of tensors alone (x, t, noise) -> next x, into a faster one: `cuda_graph`
+        replays it as one CUDA graph, torch.compile would fuse it. The noise is still drawn here, in the same order."""
         device = self.alphas_cumprod.device
         B = len(context) if context is not None else len(gt) if gt is not None else batch
         shape = (B, dit.cfg.latent_dim, length if gt is None else gt.shape[-1])
@@ -788,19 +796,52 @@ class Diffusion(nn.Module):
                 condition = torch.cat([condition, condition])
         if context_mask is not None and bool(context_mask.all()):
             context_mask = None  # no padding: skip the attention mask and its slower kernel
-        for t in tqdm(self.timesteps(steps).tolist(), desc="sampling", disable=not progress, leave=False):
-            t_batch = torch.full((x.shape[0] * (2 if guided else 1),), t, device=device)
+
+        def step(x, t, z):
             x_in = torch.cat([x, x]) if guided else x
+            t_batch = t.expand(len(x_in))
             residuals = None if controlnet is None else controlnet(
                 dit.assemble_input(x_in, gt, mask), t_batch, condition, context, context_mask, control_scale)
             v = dit(x_in, t_batch, context, context_mask, gt, mask, residuals).float()
             if guided:
                 v = classifier_free_guidance(*v.chunk(2), guidance, rescale)
+            return self.step(v, t, x, steps, eta, z)
+
+        step = step if capture is None else capture(step)
+        timesteps = self.timesteps(steps).to(device)[:, None]  # each (1,): indexing with it reads nothing to the host
+        for t in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
             z = randn(shape, generator, device) if eta > 0 else None
-            x = self.step(v, t, x, steps, eta, z)
+            x = step(x, t, z)
         if gt is not None:
             x = torch.where(mask[:B], x, gt[:B].float())
         return x
+
+
+def cuda_graph(fn):
+    """fn, captured in a CUDA graph at its first call and replayed at every later one. A sampling step launches
+    hundreds of small kernels; at batch 1 launching them from Python takes longer than the GPU takes to run them,
+    and a replay launches them all at once. Later calls pass tensors of the first call's shapes (None where it
+    passed None), whose values are copied into the graph's inputs; whatever else fn reads is frozen at capture."""
+    graph, inputs, output = torch.cuda.CUDAGraph(), None, None
+
+    def replay(*args):
+        nonlocal inputs, output
+        if inputs is None:
+            inputs = [a.clone() if a is not None else None for a in args]
+            side = torch.cuda.Stream()  # capture needs a warm-up run off the default stream (cuBLAS, rotary tables)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(graph):
+                output = fn(*inputs)
+        for static, a in zip(inputs, args):
+            if a is not None:
+                static.copy_(a)
+        graph.replay()
+        return output.clone()  # the next replay overwrites `output`
+
+    return replay
 
 
 def pad_and_concat(a, a_mask, b, b_mask):
@@ -1188,15 +1229,26 @@ def check_edit_mask(seconds, mask_start, mask_length, boundary, vae_cfg, device)
     check_duration(max(seconds, mask_start + mask_length), vae_cfg, device, what="the edited clip's length")
 
 
+def cast_parameters(module, dtype):
+    """module with its parameters (None: kept) in dtype and its buffers as they were: RoPE's inverse frequencies in
+    bfloat16 would turn the angle at frame 500 (10 s) by up to a radian."""
+    if dtype is not None:
+        for p in module.parameters():
+            p.data = p.data.to(dtype)
+    return module
+
+
 class EzAudio:
     """Text encoder, DiT, VAE and sampler in one object: `generate` turns prompts into audio (following a reference
     clip's loudness when a ControlNet is given), `edit` regenerates a span of an existing clip. Waveforms are float32
     tensors at `sample_rate`. With `dtype` bfloat16 or float16 the DiT and ControlNet run under autocast, as the
     published pipeline runs them (float16); the text encoder and VAE stay float32. A DiT without text (stage 1,
-    context_dim 0) takes no text encoder and only the empty prompt."""
+    context_dim 0) takes no text encoder and only the empty prompt.
+    `fast`: the DiT and ControlNet hold their weights in `dtype` instead (no casts at every step; the residual
+    stream and LayerNorms then round to `dtype` too), and on a GPU each sampling step is one CUDA graph replay."""
 
     def __init__(self, dit, vae, text_encoder=None, device=None, dtype=torch.float32, sampling=None,
-                 controlnet=None):
+                 controlnet=None, fast=False):
         width = text_encoder.dim if text_encoder is not None else 0
         if dit.cfg.context_dim != width:
             raise CheckpointError(f"the text encoder's width {width} does not match the DiT's "
@@ -1212,9 +1264,10 @@ class EzAudio:
                 raise CheckpointError(f"the ControlNet's condition, in frames of {control.hop} samples brought to the "
                                       f"latent rate by {len(control.cond_blocks) - 1} halvings, does not fit the "
                                       f"VAE's hop of {vae.cfg.hop} samples")
-        self.device, self.dtype = usable_device(device, dtype), dtype
-        self.dit = dit.to(self.device).eval()
-        self.controlnet = controlnet.to(self.device).eval() if controlnet is not None else None
+        self.device, self.dtype, self.fast = usable_device(device, dtype), dtype, fast
+        weights = dtype if fast else None
+        self.dit = cast_parameters(dit.to(self.device).eval(), weights)
+        self.controlnet = None if controlnet is None else cast_parameters(controlnet.to(self.device).eval(), weights)
         self.vae = vae.to(self.device).eval().fold_weight_norm()
         self.text_encoder = text_encoder.to(self.device) if text_encoder is not None else None
         self.diffusion = Diffusion().to(self.device)
@@ -1223,7 +1276,7 @@ class EzAudio:
 
     @classmethod
     def from_pretrained(cls, model="s3_xl", ckpt=None, dit_config=None, vae=None, vae_config=None,
-                        text_encoder=None, device=None, dtype=torch.float32, controlnet=None):
+                        text_encoder=None, device=None, dtype=torch.float32, controlnet=None, fast=False):
         """A model of MODELS by name (released files come from the hub and are cached), or local files, as
         sample.py's flags name them:
           ckpt          one of this project's checkpoints (it carries its configs) or a released-format DiT
@@ -1292,7 +1345,7 @@ class EzAudio:
             text_encoder = TextEncoder.from_pretrained(config["text_encoder"])
         elif dit.cfg.context_dim:
             raise CheckpointError(f"{ckpt}: no text encoder is named; pass one with --text-encoder")
-        return cls(dit, vae, text_encoder, device, dtype, sampling, controlnet)
+        return cls(dit, vae, text_encoder, device, dtype, sampling, controlnet, fast)
 
     def guided(self, prompts, guidance):
         """Whether these prompts are sampled with classifier-free guidance. As in the published pipeline, not an
@@ -1308,9 +1361,14 @@ class EzAudio:
             context, mask = self.text_encoder(prompts)
             if self.guided(prompts, guidance):
                 neg_context, neg_mask = self.text_encoder([negative] * len(prompts))
-        with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
-            return self.diffusion.sample(self.dit, context, mask, neg_context, neg_mask, guidance=guidance,
-                                         generator=generators, batch=len(prompts), **kw)
+        return self.sample_latents(context, mask, neg_context, neg_mask, guidance=guidance, generator=generators,
+                                   batch=len(prompts), **kw)
+
+    def sample_latents(self, context, context_mask, neg_context=None, neg_mask=None, **kw):
+        """Diffusion.sample with this model's DiT, in its precision: under autocast, or fast (see the class)."""
+        capture = cuda_graph if self.fast and self.device.type == "cuda" else None
+        with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32 and not self.fast):
+            return self.diffusion.sample(self.dit, context, context_mask, neg_context, neg_mask, capture=capture, **kw)
 
     def control_condition(self, audio, length, gate):
         """The ControlNet's condition (1, 1, F) for `length` latent frames from a reference clip (T,) at

@@ -165,6 +165,19 @@ def test_dtype_flag_reaches_the_dit(run, capsys):
     assert np.abs(bf16 - fp32).max() < 0.1 * np.abs(fp32).max()
 
 
+def test_fast_flag_puts_the_dit_weights_in_dtype(run, capsys, monkeypatch):
+    """Only that the flag is honoured; test_fastpaths.py shows that fast sampling computes what eager does."""
+    calls = []
+    spy(monkeypatch, E.EzAudio, "sample_latents", calls)
+    fp32 = read(run("a dog barks", out="fp32") / "a_dog_barks_s0.wav")[0]
+    fast = read(run("a dog barks", "--fast", "--dtype", "bf16", out="fast") / "a_dog_barks_s0.wav")[0]
+    assert "on cpu (bf16, fast, no CUDA graph on cpu)" in capsys.readouterr().out
+    pipes = [args[0] for args, _ in calls]
+    assert [p.fast for p in pipes] == [False, True] and pipes[1].dit.mask_embed.dtype == torch.bfloat16
+    assert not np.array_equal(fast, fp32)
+    assert np.abs(fast - fp32).max() < 0.1 * np.abs(fp32).max()
+
+
 def test_compile_flag_compiles_the_dit(run, monkeypatch):
     """Only that the flag is honoured; test_fastpaths.py shows that compiled sampling computes what eager does."""
     compiled = []
