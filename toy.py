@@ -6,11 +6,12 @@ on a laptop, and simple enough that `measure` can tell whether a generated clip 
 
     python toy.py make --out toy                   # 4200 training and 210 test clips with manifests
     python toy.py score samples/                   # how well WAVs fit the captions in their names
+    python toy.py roundtrip toy                    # how well the toy VAE alone keeps them
     python toy.py spectrogram samples/ --out toy.png
     python toy.py pack --ckpt runs/toy3/ckpt.pt --out assets/toy.pt
 
-Read top to bottom: 1. facts and captions  2. rendering  3. the judge  4. the data set  5. pictures
-6. packing a trained model  7. the command line.
+Read top to bottom: 1. facts and captions  2. rendering  3. the judge  4. the data set  5. a VAE's round trip
+6. following a reference  7. pictures  8. packing a trained model  9. the command line.
 """
 
 import argparse
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import torch
 from tqdm import tqdm
 
 import ezaudio as E
@@ -362,7 +364,36 @@ def make_world(out, n_train, n_test, seed=0, paraphrase_prob=0.3):
 
 
 # -----------------------------------------------------------------------------
-# 5. Following a reference: does a ControlNet's sample get louder and quieter where its reference does?
+# 5. A VAE's round trip: does the autoencoder alone keep what the judge hears?
+#
+# A diffusion model can only draw what its VAE decodes, so the VAE is judged first, on clips it never trained on.
+
+def round_trip(vae, world):
+    """Each test clip of a world made by `make`, peak-normalised as training sees it, encoded to its posterior mean,
+    decoded and played back at the clip's own level, judged against its caption. Returns score's {property: (correct, total)} and, for each tone, the
+    relative error of its reconstruction's fundamental against the original's (inf when it is heard as no tone)."""
+    pairs, errors = [], []
+    for row in tqdm(read_manifest(Path(world) / "manifest.csv", split="test", captions=True), desc="round trip",
+                    unit="clip", leave=False):
+        clip = read_audio(row["path"], vae.cfg.sample_rate)
+        peak = clip.abs().max().clamp(min=1e-8)
+        with torch.no_grad():
+            heard = measure(peak * vae.decode(vae.encode(clip[None, None] / peak, sample=False))[0, 0, : len(clip)])
+        pairs.append((row["caption"], heard))
+        if parse_caption(row["caption"])["kind"] == "tone":
+            errors.append(abs(heard["f0"] / measure(clip)["f0"] - 1) if heard["kind"] == "tone" else np.inf)
+    return score(pairs), errors
+
+
+def print_round_trip(scores, errors):
+    print(format_scores(scores))
+    if errors:
+        print(f"tones within 2% of their pitch: {sum(e <= 0.02 for e in errors)} of {len(errors)} (median error "
+              f"{100 * np.median(errors):.1f}%)")
+
+
+# -----------------------------------------------------------------------------
+# 6. Following a reference: does a ControlNet's sample get louder and quieter where its reference does?
 
 
 def envelope(audio, sr=SAMPLE_RATE, frame=0.02, floor_db=60.0):
@@ -397,7 +428,7 @@ def follow_scores(pipe, world, clips, steps=50):
 
 
 # -----------------------------------------------------------------------------
-# 6. Pictures: spectrograms of clips, as a PNG written with numpy and zlib
+# 7. Pictures: spectrograms of clips, as a PNG written with numpy and zlib
 #
 # Levels are absolute (0 dB: a sine at the world's peak), so that a quiet clip looks quiet.
 
@@ -454,7 +485,7 @@ def spectrogram_folder(folder, out, columns=3, gap=4):
 
 
 # -----------------------------------------------------------------------------
-# 7. Packing a trained model into one small file
+# 8. Packing a trained model into one small file
 
 def pack(path, out):
     """One file that samples with no other: a DiT-stage checkpoint's DiT (its EMA when it kept one), the VAE that
@@ -483,7 +514,7 @@ def pack(path, out):
 
 
 # -----------------------------------------------------------------------------
-# 8. Command line: python toy.py {make,score,follow,spectrogram,pack} ...
+# 9. Command line: python toy.py {make,score,roundtrip,follow,spectrogram,pack} ...
 
 
 def print_follow(with_control, without):
@@ -507,6 +538,11 @@ def parser():
     p.add_argument("folder", help="folder of WAVs with a manifest.csv, or with captions as file names")
     p.add_argument("--split", default=None, help="score only the manifest rows of this split (e.g. test)")
     p.set_defaults(run=lambda a: print(format_scores(*score_folder(a.folder, a.split))))
+    p = sub.add_parser("roundtrip", help="judge a VAE alone: the test clips of a world, encoded and decoded")
+    p.add_argument("world", help="folder made by `make` whose test clips go through the VAE")
+    p.add_argument("--vae", default=E.local_file(E.MODELS["toy"]["file"]),
+                   help="a checkpoint holding a VAE (default: the toy model's)")
+    p.set_defaults(run=lambda a: print_round_trip(*round_trip(load_vae(a.vae)[0], a.world)))
     p = sub.add_parser("follow", help="how well the toy model's ControlNet follows the loudness of test clips")
     p.add_argument("world", help="folder made by `make` whose test clips serve as references")
     p.add_argument("--clips", type=int, default=42, help="how many test clips (default: 42, two of each class)")

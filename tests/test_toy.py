@@ -216,6 +216,52 @@ def test_toy_score_of_an_empty_folder_is_a_one_line_error(tmp_path):
         T.main(["score", str(tmp_path)])
 
 
+class StandInVAE:
+    """A "VAE" whose round trip is a known function of the clip."""
+    cfg = E.VAE_PRESETS["toy"]
+
+    def __init__(self, change):
+        self.change = change
+
+    def encode(self, audio, sample=True):
+        return audio
+
+    def decode(self, z):
+        return torch.as_tensor(self.change(z.numpy()))
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    world = tmp_path_factory.mktemp("world")
+    T.make_world(world, n_train=1, n_test=21)  # one test clip of each class
+    return world
+
+
+def test_a_round_trip_that_keeps_every_clip_scores_perfectly(small_world):
+    scores, errors = T.round_trip(StandInVAE(lambda x: x), small_world)
+    assert all(c == n for c, n in scores.values()) and scores["kind"] == (21, 21)
+    assert len(errors) == 18 and max(errors) < 1e-9
+
+
+def test_a_round_trip_judges_what_a_vae_loses(small_world):
+    """A VAE that plays everything 3% flat keeps every fact but no tone within 2% of its pitch; one that makes
+    the clip 20 dB quieter is heard as silence on every caption."""
+    def flat(x):  # resampled: every frequency 3% lower
+        t = np.arange(x.shape[-1])
+        return np.interp(t * 0.97, t, x[0, 0])[None, None]
+    scores, errors = T.round_trip(StandInVAE(flat), small_world)
+    assert scores["count"] == (18, 18) and min(errors) > 0.02
+    scores, errors = T.round_trip(StandInVAE(lambda x: x * 0.1), small_world)
+    assert scores["kind"] == (0, 21) and errors == [np.inf] * 18
+
+
+def test_toy_roundtrip_command_judges_the_shipped_vae(small_world, capsys):
+    T.main(["roundtrip", str(small_world)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["property", "clips", "accuracy"] and lines[1].split()[:2] == ["kind", "21"]
+    assert lines[6].startswith("tones within 2% of their pitch: ") and " of 18 (median error " in lines[6]
+
+
 def read_png(path):
     """(H, W, 3) uint8 of an 8-bit RGB PNG with filter 0 on every row, read back chunk by chunk."""
     import zlib
