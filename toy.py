@@ -387,9 +387,10 @@ def round_trip(vae, world):
 
 def print_round_trip(scores, errors):
     print(format_scores(scores))
+    tones = [e for e in errors if np.isfinite(e)]
     if errors:
-        print(f"tones within 2% of their pitch: {sum(e <= 0.02 for e in errors)} of {len(errors)} (median error "
-              f"{100 * np.median(errors):.1f}%)")
+        print(f"tones within 2% of their pitch: {sum(e <= 0.02 for e in tones)} of {len(errors)}" + (
+            f" (median error {100 * np.median(tones):.1f}% over the {len(tones)} heard as tones)" if tones else ""))
 
 
 # -----------------------------------------------------------------------------
