@@ -627,7 +627,7 @@ def run_command(cli, argv=None):
     args = cli.parse_args(argv)
     try:
         args.run(args)
-    except (AudioError, DiskFull, FileNotFoundError, ValueError) as e:
+    except (AudioError, DiskFull, E.CheckpointError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 
 

@@ -264,6 +264,14 @@ def test_toy_roundtrip_command_judges_the_shipped_vae(small_world, capsys):
                         r"tones\)", lines[6]), lines[6]
 
 
+def test_toy_commands_name_a_missing_or_broken_checkpoint_in_one_line(small_world, tmp_path):
+    (tmp_path / "broken.pt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match=r"^error: .*missing\.pt: no such file$"):
+        T.main(["roundtrip", str(small_world), "--vae", str(tmp_path / "missing.pt")])
+    with pytest.raises(SystemExit, match=r"^error: .*broken\.pt: not a readable PyTorch checkpoint"):
+        T.main(["pack", "--ckpt", str(tmp_path / "broken.pt"), "--out", str(tmp_path / "out.pt")])
+
+
 def read_png(path):
     """(H, W, 3) uint8 of an 8-bit RGB PNG with filter 0 on every row, read back chunk by chunk."""
     import zlib
