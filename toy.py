@@ -370,8 +370,9 @@ def make_world(out, n_train, n_test, seed=0, paraphrase_prob=0.3):
 
 def round_trip(vae, world):
     """Each test clip of a world made by `make`, peak-normalised as training sees it, encoded to its posterior mean,
-    decoded and played back at the clip's own level, judged against its caption. Returns score's {property: (correct, total)} and, for each tone, the
-    relative error of its reconstruction's fundamental against the original's (inf when it is heard as no tone)."""
+    decoded and played back at the clip's own level, judged against its caption. Returns score's {property:
+    (correct, total)} and, for each tone, the relative error of its reconstruction's fundamental against the
+    original's (inf when it is heard as no tone)."""
     pairs, errors = [], []
     for row in tqdm(read_manifest(Path(world) / "manifest.csv", split="test", captions=True), desc="round trip",
                     unit="clip", leave=False):
@@ -387,10 +388,12 @@ def round_trip(vae, world):
 
 def print_round_trip(scores, errors):
     print(format_scores(scores))
-    tones = [e for e in errors if np.isfinite(e)]
-    if errors:
-        print(f"tones within 2% of their pitch: {sum(e <= 0.02 for e in tones)} of {len(errors)}" + (
-            f" (median error {100 * np.median(tones):.1f}% over the {len(tones)} heard as tones)" if tones else ""))
+    heard = [e for e in errors if np.isfinite(e)]
+    if heard:
+        print(f"tones within 2% of their pitch: {sum(e <= 0.02 for e in heard)} of {len(errors)} (median error "
+              f"{100 * np.median(heard):.1f}% over the {len(heard)} heard as tones)")
+    elif errors:
+        print(f"tones within 2% of their pitch: 0 of {len(errors)} (none heard as a tone)")
 
 
 # -----------------------------------------------------------------------------
