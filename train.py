@@ -52,9 +52,10 @@ COMMON = dict(
     config="XL", manifest=None, data_root=None, split="train", cache=None, init_from=None, vae=None,
     vae_config=None, text_encoder=None, segment=10.0, flip=0.5, min_clap=0.0, batch_size=16, accum=1,
     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, warmup=5000, clip=1.0, ema=0.0, mae_prob=0.25,
-    min_timestep=0, text_dropout=0.1, disc_lr=3e-4, disc_filters=64, wave_weight=0.0, stft_floor=0.0, a_weighting=True,
-    device=None, dtype="auto", compile=False, grad_checkpointing=False, workers=4, seed=0, log_every=50,
-    save_every=5000, sample_every=5000, sample_steps=50, sample_prompts=SAMPLE_PROMPTS, max_nonfinite=20)
+    min_timestep=0, text_dropout=0.1, disc_lr=3e-4, disc_filters=64, wave_weight=0.0, autoencoder=False,
+    stft_floor=0.0, a_weighting=True, device=None, dtype="auto", compile=False, grad_checkpointing=False, workers=4,
+    seed=0, log_every=50, save_every=5000, sample_every=5000, sample_steps=50, sample_prompts=SAMPLE_PROMPTS,
+    max_nonfinite=20)
 STAGES = {
     "vae": dict(max_steps=1_000_000, lr=1.5e-4, betas=(0.8, 0.99), weight_decay=1e-3, warmup=1000, clip=0.0,
                 segment=0.5),
@@ -126,8 +127,12 @@ def parser():
     a("--disc-lr", type=float, help="VAE stage: the discriminator's learning rate (default 3e-4)")
     a("--disc-filters", type=int, help="VAE stage: channels of the discriminator's convolutions, 0 = no "
                                        "discriminator, hence no adversarial and feature-matching losses (default 64)")
-    a("--wave-weight", type=float, help="VAE stage: weight of an L1 loss on the samples beside the spectral one "
-                                        "(default 0, the released recipe)")
+    a("--wave-weight", type=float, help="VAE stage: weight of the squared error of the samples beside the spectral "
+                                        "loss, which ties the phase (default 0, the released recipe)")
+    a("--autoencoder", action=argparse.BooleanOptionalAction,
+      help="VAE stage: train a plain autoencoder: decode the posterior mean, with the squared error of the samples "
+           "as the only loss (no spectral loss, KL or critic); it learns each sound's phase, hence its exact pitch, "
+           "which spectral losses leave free. A first step before the full objective (default off)")
     a("--stft-floor", type=float, help="VAE stage: added to the magnitudes before the spectral loss takes their log "
                                        "(default 0, the released recipe; 1 for digitally silent audio such as the "
                                        "toy world's, so that a faint hiss costs less than silence)")
@@ -370,25 +375,34 @@ class MultiScaleSTFTDiscriminator(nn.Module):
         return [scale(audio) for scale in self.scales]
 
 
+def squared_error(fake, real):
+    """Mean squared error of the samples, (B, 1, >= T) against (B, 1, T): zero only when the phase is right too."""
+    return (fake[..., : real.shape[-1]].float() - real.float()).pow(2).mean()
+
+
 class VAEObjective(nn.Module):
     """Both players' losses in one forward, so that one backward serves both: the VAE's terms see the critic
     through detached weights (they train only the VAE), the critic's hinge loss sees a detached reconstruction
-    (it trains only the critic). Without a critic, only the spectral loss and the KL; `wave_weight` adds an L1
-    loss on the samples (not in the released recipe; it ties the phase, which the spectra leave free)."""
+    (it trains only the critic). Without a critic, only the spectral loss and the KL; `wave_weight` adds the squared
+    error of the samples (not in the released recipe; it ties the phase, which the spectra leave free). An
+    `autoencoder` decodes the posterior mean and learns from that squared error alone."""
 
-    def __init__(self, vae, discriminator=None, wave_weight=0.0, stft_floor=0.0, a_weighting=True):
+    def __init__(self, vae, discriminator=None, wave_weight=0.0, stft_floor=0.0, a_weighting=True, autoencoder=False):
         super().__init__()
-        self.vae, self.discriminator, self.wave_weight = vae, discriminator, wave_weight
+        self.vae, self.discriminator, self.wave_weight, self.autoencoder = vae, discriminator, wave_weight, autoencoder
         self.stft = MultiResolutionSTFTLoss(vae.cfg.sample_rate, floor=stft_floor, a_weighting=a_weighting)
 
     def forward(self, audio, generator):
         real = audio[:, None]  # (B, 1, T)
         mean, std = self.vae.posterior(real)
+        if self.autoencoder:
+            wave = squared_error(self.vae.decode(mean), real)
+            return wave, {"wave": wave.detach()}
         z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         fake = self.vae.decode(z)[..., : real.shape[-1]]
         parts = {"stft": self.stft(fake, real), "kl": E.kl_divergence(mean.float(), std.float())}
         if self.wave_weight:
-            parts["wave"] = (fake.float() - real.float()).abs().mean()
+            parts["wave"] = squared_error(fake, real)
         if self.discriminator is not None:
             parts.update(self.adversarial(real, fake))
         weights = {**VAE_LOSS_WEIGHTS, "wave": self.wave_weight, "disc": 1.0}
@@ -721,9 +735,10 @@ class VAEStage:
         except (E.CheckpointError, KeyError) as e:
             fail(e)
         self.vae_cfg = self.vae.cfg
-        self.discriminator = MultiScaleSTFTDiscriminator(args.disc_filters) if args.disc_filters > 0 else None
+        critic = args.disc_filters > 0 and not args.autoencoder
+        self.discriminator = MultiScaleSTFTDiscriminator(args.disc_filters) if critic else None
         self.objective = VAEObjective(self.vae, self.discriminator, args.wave_weight, args.stft_floor,
-                                      args.a_weighting).to(device)
+                                      args.a_weighting, args.autoencoder).to(device)
         self.models, self.lrs = [self.vae], [args.lr]
         if self.discriminator:
             self.models, self.lrs = [self.vae, self.discriminator], [args.lr, args.disc_lr]

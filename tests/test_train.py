@@ -269,7 +269,7 @@ def test_vae_stage_reconstruction_loss_falls(tmp_path):
     assert ckpt["discriminator"] and len(ckpt["optimizer"]) == 2
 
 
-def test_the_waveform_loss_is_l1_on_the_samples():
+def test_the_waveform_loss_is_the_squared_error_of_the_samples():
     torch.manual_seed(0)
     vae = E.WaveformVAE(E.VAE_PRESETS["tiny"])
     audio = 0.1 * torch.randn(2, 1280)  # longer than the STFT loss's largest window
@@ -279,8 +279,29 @@ def test_the_waveform_loss_is_l1_on_the_samples():
     with torch.no_grad():
         mean, std = vae.posterior(audio[:, None])
         fake = vae.decode(mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)))
-    assert float(parts2["wave"]) == pytest.approx(float((fake[..., :1280] - audio[:, None]).abs().mean()))
+    assert float(parts2["wave"]) == pytest.approx(float((fake[..., :1280] - audio[:, None]).pow(2).mean()))
     assert float(weighted.detach()) == pytest.approx(float(loss.detach() + 2 * parts2["wave"]))
+
+
+def test_the_autoencoder_objective_is_the_squared_error_of_the_posterior_mean():
+    """--autoencoder: no draw (any generator gives the same loss), no spectral loss, KL or critic, and the error
+    reaches the encoder; a tone a quarter period out of phase costs twice what silence does."""
+    torch.manual_seed(0)
+    vae = E.WaveformVAE(E.VAE_PRESETS["tiny"])
+    audio = 0.1 * torch.randn(2, 1280)
+    objective = train.VAEObjective(vae, autoencoder=True)
+    loss, parts = objective(audio, torch.Generator().manual_seed(0))
+    again = objective(audio, torch.Generator().manual_seed(1))[0]
+    assert set(parts) == {"wave"} and float(loss.detach()) == float(again.detach())
+    with torch.no_grad():
+        expected = (vae.decode(vae.posterior(audio[:, None])[0])[..., :1280] - audio[:, None]).pow(2).mean()
+    assert float(loss.detach()) == pytest.approx(float(expected))
+    loss.backward()
+    assert vae.encoder.layers[0].weight_v.grad.abs().sum() > 0
+    t = torch.arange(1600) / 16000
+    tone, shifted = (torch.sin(2 * torch.pi * 500 * t + phase)[None, None] for phase in (0, torch.pi / 2))
+    assert float(train.squared_error(shifted, tone)) == pytest.approx(2 * float(train.squared_error(0 * tone, tone)),
+                                                                       rel=0.01)
 
 
 def test_the_spectral_floor_forgives_a_faint_hiss_on_silence():
@@ -324,6 +345,20 @@ def test_vae_stage_without_a_critic(tmp_path):
     assert load(run / "ckpt.pt")["step"] == 3
     with pytest.raises(SystemExit, match=r"^error: --segment 0.02 is too short for the VAE stage's spectral loss"):
         train.main([*common, "--run-dir", str(tmp_path / "short"), "--segment", "0.02"])
+
+
+def test_vae_stage_as_a_plain_autoencoder(tmp_path):
+    """--autoencoder logs the squared error alone and builds no critic, even with --disc-filters; a later run
+    starts the full objective from its weights."""
+    write_clips(tmp_path / "d", n_good=2, bad=False)
+    common = ["--stage", "vae", "--config", "tiny", "--manifest", str(tmp_path / "d" / "manifest.csv"), *FAST]
+    train.main([*common, "--run-dir", str(tmp_path / "ae"), "--autoencoder", "--disc-filters", "4", "--max-steps", "2"])
+    assert {"wave", "stft", "kl", "adv"} & set(log_lines(tmp_path / "ae")[-1]) == {"wave"}
+    ckpt = load(tmp_path / "ae" / "ckpt.pt")
+    assert ckpt["discriminator"] is None and len(ckpt["optimizer"]) == 1
+    train.main([*common, "--run-dir", str(tmp_path / "vae"), "--init-from", str(tmp_path / "ae" / "ckpt.pt"),
+                "--disc-filters", "4", "--max-steps", "1"])
+    assert {"wave", "stft", "kl", "adv"} & set(log_lines(tmp_path / "vae")[-1]) == {"stft", "kl", "adv"}
 
 
 def test_a_vae_run_started_from_another_resumes_exactly(tmp_path):
