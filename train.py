@@ -376,8 +376,8 @@ class MultiScaleSTFTDiscriminator(nn.Module):
 
 
 def squared_error(fake, real):
-    """Mean squared error of the samples, (B, 1, >= T) against (B, 1, T): zero only when the phase is right too."""
-    return (fake[..., : real.shape[-1]].float() - real.float()).pow(2).mean()
+    """Mean squared error of the samples, (B, 1, T) each: zero only when the phase is right too."""
+    return (fake.float() - real.float()).pow(2).mean()
 
 
 class VAEObjective(nn.Module):
@@ -396,7 +396,7 @@ class VAEObjective(nn.Module):
         real = audio[:, None]  # (B, 1, T)
         mean, std = self.vae.posterior(real)
         if self.autoencoder:
-            wave = squared_error(self.vae.decode(mean), real)
+            wave = squared_error(self.vae.decode(mean)[..., : real.shape[-1]], real)
             return wave, {"wave": wave.detach()}
         z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         fake = self.vae.decode(z)[..., : real.shape[-1]]
