@@ -107,7 +107,7 @@ FLAN_T5 = {  # width -> encoder shape of the FLAN-T5 that the released models us
 
 def random_text_encoder(preset, width, device):
     """The toy's own text encoder, a FLAN-T5-shaped random encoder for L / XL, else a small 2-layer T5."""
-    if preset == "toy":
+    if preset in ("toy", "toy-small"):
         return toy_text_encoder().to(device)
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
     shape = FLAN_T5.get(width, dict(d_kv=width // 4, d_ff=2 * width, num_layers=2, num_heads=4))

@@ -339,13 +339,14 @@ def degrade_caption(facts, rng):
 def make_world(out, n_train, n_test, seed=0, paraphrase_prob=0.3):
     """Render the toy world into `out`: audio/{split}_{i}.wav (16-bit, 16 kHz), manifest.csv (audio_path, caption,
     split; classes in turn, captions canonical or paraphrased), stage2.csv (the train clips again, with degraded
-    captions and a clap_score column) and vae.csv (the train clips, then the high tones twice more: the toy VAE
-    keeps high buzzes only when it hears them that often). Every clip depends only on (seed, split, index)."""
+    captions and a clap_score column) and vae.csv (the train clips, then the high tones and the whistles twice more
+    and the noise six times more: the toy VAE keeps high buzzes and noise only when it hears them that often).
+    Every clip depends only on (seed, split, index)."""
     if n_train < 1 or n_test < 0:
         raise ValueError(f"a toy world needs 1 or more training clips and 0 or more test clips, not {n_train} and "
                          f"{n_test}")
     os.makedirs(os.path.join(out, "audio"), exist_ok=True)
-    rows, stage2, high = [], [], []
+    rows, stage2, extra = [], [], {"high": [], "noise": [], "whistle": []}
     for split, n in (("train", n_train), ("test", n_test)):
         for i in tqdm(range(n), desc=f"toy {split}", leave=False):
             facts = CLASSES[i % len(CLASSES)]
@@ -355,12 +356,14 @@ def make_world(out, n_train, n_test, seed=0, paraphrase_prob=0.3):
             caption = paraphrase(facts, rng) if rng.random() < paraphrase_prob else canonical_caption(facts)
             rows.append({"audio_path": path, "caption": caption, "split": split})
             if split == "train":
-                high += rows[-1:] if facts.get("pitch") == "high" else []
+                extra.get("high" if facts.get("pitch") == "high" else facts["kind"], []).append(rows[-1])
                 caption, clap = degrade_caption(facts, rng)
                 stage2.append({"audio_path": path, "caption": caption, "split": split, "clap_score": clap})
     write_manifest(rows, os.path.join(out, "manifest.csv"))
     write_manifest(stage2, os.path.join(out, "stage2.csv"))
-    write_manifest(rows[:n_train] + high + high, os.path.join(out, "vae.csv"))
+    repeats = {"high": 2, "noise": 6, "whistle": 2}
+    write_manifest(rows[:n_train] + [r for group, k in repeats.items() for r in extra[group] * k],
+                   os.path.join(out, "vae.csv"))
 
 
 # -----------------------------------------------------------------------------

@@ -68,7 +68,7 @@ STAGES = {
 TEXT_STAGES = ("2", "3", "control")  # the stages that read captions
 # the T5 each preset was released with; a callable builds a small encoder that checkpoints carry inside
 DEFAULT_TEXT_ENCODERS = ({m["dit"]: m["text_encoder"] for m in E.MODELS.values() if "dit" in m}
-                         | {"toy": E.toy_text_encoder})
+                         | {"toy": E.toy_text_encoder, "toy-small": E.toy_text_encoder})
 
 
 def parser():

@@ -183,8 +183,11 @@ def test_toy_command_writes_a_world_that_scores_perfectly(tmp_path, capsys):
     assert all(0 <= float(r["clap_score"]) <= 1 for r in stage2)
     with open(tmp_path / "vae.csv", newline="") as f:
         vae = [r["audio_path"] for r in csv.DictReader(f)]
-    high = [r["audio_path"] for r in rows[:42] if T.parse_caption(r["caption"]).get("pitch") == "high"]
-    assert len(high) == 12 and vae == [r["audio_path"] for r in rows[:42]] + high + high  # high tones thrice
+    assert vae[:42] == [r["audio_path"] for r in rows[:42]]
+    times = {"high": 3, "whistle": 3, "noise": 7}  # high tones and whistles thrice, noise seven times
+    for r in rows[:42]:
+        facts = T.parse_caption(r["caption"])
+        assert vae.count(r["audio_path"]) == times.get(facts.get("pitch"), times.get(facts["kind"], 1)), r
     T.main(["score", str(tmp_path), "--split", "test"])
     table = capsys.readouterr().out
     assert "kind           21    100.0%" in table and "count          18    100.0%" in table
@@ -360,14 +363,14 @@ def test_a_reduced_toy_recipe_learns_pitch_and_count(tmp_path, capsys):
     T.main(["make", "--out", str(world), "--train", str(REDUCED["clips"]), "--test", "0"])
     manifest = ["--manifest", str(world / "manifest.csv")]
     quiet = ["--workers", "1", "--sample-every", "0", "--log-every", "1000", "--device", "cpu"]
-    train.main(["--stage", "vae", "--config", "toy", "--run-dir", str(runs / "vae"), "--disc-filters", "0",
+    train.main(["--stage", "vae", "--config", "toy-small", "--run-dir", str(runs / "vae"), "--disc-filters", "0",
                 "--stft-floor", "10", "--no-a-weighting", "--lr", "1e-3", "--warmup", "50", "--segment", "1",
                 "--batch-size", "4", "--max-steps", str(REDUCED["vae_steps"]), *manifest, *quiet])
     D.main(["cache", *manifest, "--out", str(tmp_path / "cache"), "--vae", str(runs / "vae" / "ckpt.pt"),
             "--text-encoder", "toy", "--segment", "2", "--workers", "0", "--device", "cpu"])
     dit = ["--cache", str(tmp_path / "cache"), "--segment", "2", "--batch-size", "8", "--ema", "0.99",
            "--text-dropout", "0", *manifest, *quiet]
-    train.main(["--stage", "1", "--config", "toy", "--run-dir", str(runs / "1"), "--lr", "1e-3", "--warmup", "50",
+    train.main(["--stage", "1", "--config", "toy-small", "--run-dir", str(runs / "1"), "--lr", "1e-3", "--warmup", "50",
                 "--max-steps", str(REDUCED["stage1_steps"]), *dit])
     train.main(["--stage", "2", "--init-from", str(runs / "1" / "ckpt.pt"), "--run-dir", str(runs / "2"),
                 "--min-clap", "0", "--lr", "1e-3", "--warmup", "50", "--max-steps", str(REDUCED["stage2_steps"]),
@@ -385,30 +388,30 @@ def test_a_reduced_toy_recipe_learns_pitch_and_count(tmp_path, capsys):
 
 def test_the_shipped_toy_model_samples_offline(tmp_path, capsys):
     sample.main(["two high beeps", "--model", "toy", "--steps", "4", "--device", "cpu", "--out", str(tmp_path)])
-    assert capsys.readouterr().out.startswith("toy on cpu (fp32): 2 s, 4 steps, no guidance, eta 1")  # its CFG 1
+    assert capsys.readouterr().out.startswith("toy on cpu (fp32): 2 s, 4 steps, CFG 3, rescale 0.75, eta 1")
     info = sf.info(tmp_path / "two_high_beeps_s0.wav")
     assert (info.samplerate, info.frames) == (16000, 32000)
-    sample.main(["two high beeps", "--model", "toy", "--steps", "1", "--cfg", "3", "--out", str(tmp_path)])
-    assert "1 steps, CFG 3, rescale 0.75, eta 1" in capsys.readouterr().out  # guided: the rescale matters
+    sample.main(["two high beeps", "--model", "toy", "--steps", "1", "--cfg", "1", "--out", str(tmp_path)])
+    assert "1 steps, no guidance, eta 1" in capsys.readouterr().out  # a flag given still wins
 
 
 def test_the_toy_pipeline_samples_with_its_own_defaults(monkeypatch):
-    """from_pretrained("toy").generate(...) makes 2 s without guidance, as `sample.py --model toy` does; a value
-    given still wins."""
+    """from_pretrained("toy").generate(...) makes 2 s with CFG 3, as `sample.py --model toy` does; a value given
+    still wins."""
     model, encoded = E.EzAudio.from_pretrained("toy", device="cpu"), []
     encode = model.text_encoder.forward
     monkeypatch.setattr(model.text_encoder, "forward", lambda prompts: encoded.append(list(prompts)) or
                         encode(prompts))
     assert model.generate(["two high beeps"], steps=2).shape == (1, 32000)
-    assert encoded == [["two high beeps"]]  # no negative prompt: CFG 1
-    assert model.generate(["two high beeps"], steps=2, duration=0.5, guidance=3).shape == (1, 8000)
-    assert encoded[1:] == [["two high beeps"], [""]]
+    assert encoded == [["two high beeps"], [""]]  # the negative prompt of its CFG 3
+    assert model.generate(["two high beeps"], steps=2, duration=0.5, guidance=1).shape == (1, 8000)
+    assert encoded[2:] == [["two high beeps"]]
 
 
 @pytest.mark.slow
 def test_the_shipped_toy_model_still_hears_its_prompts():
     """assets/toy.pt through today's sampling code hears its prompts about as well as the README says (pitch 100%,
-    count 95.6%, timbre 99.4%; on these 36 clips 100, 94.4 and 94.4%), so that a change that breaks loading or
+    count 80.6%, timbre 100%; on these 36 clips 100, 77.8 and 100%), so that a change that breaks loading or
     sampling cannot pass unnoticed."""
     model = E.EzAudio.from_pretrained("toy", device="cpu")
     tones = [c for c in T.CAPTIONS if T.parse_caption(c)["kind"] == "tone"] * 2
@@ -416,7 +419,7 @@ def test_the_shipped_toy_model_still_hears_its_prompts():
                            seed=list(range(100, 100 + len(tones))))
     scores = T.score((c, T.measure(a.numpy())) for c, a in zip(tones, audio))
     accuracy = {p: c / n for p, (c, n) in scores.items()}
-    assert accuracy["pitch"] >= 0.9 and accuracy["count"] >= 0.85 and accuracy["timbre"] >= 0.85, \
+    assert accuracy["pitch"] >= 0.95 and accuracy["count"] >= 0.7 and accuracy["timbre"] >= 0.95, \
         T.format_scores(scores)
 
 
@@ -433,7 +436,7 @@ def test_follows_is_the_correlation_of_energy_envelopes():
 
 
 def test_the_shipped_toy_controlnet_puts_events_where_the_reference_has_them(tmp_path, capsys):
-    reference = clip({"kind": "tone", "count": 3, "pitch": "low", "timbre": "buzz"}, seed=5)
+    reference = clip({"kind": "tone", "count": 2, "pitch": "low", "timbre": "buzz"}, seed=5)  # two events, as captioned
     sf.write(tmp_path / "ref.wav", reference, 16000)
     sample.main(["two middle beeps", "--model", "toy", "--control", str(tmp_path / "ref.wav"), "--steps", "25",
                  "--out", str(tmp_path), "--device", "cpu"])
