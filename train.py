@@ -801,8 +801,10 @@ class DiTStage:
             context_dim = self.text_encoder.dim if self.text_encoder is not None else meta["empty"].shape[-1]
         self.build(args, saved, init, context_dim, device)
         if self.dit.cfg.latent_dim != self.vae_cfg.latent_dim:
+            fitting = [name for name, cfg in E.DIT_PRESETS.items() if cfg.latent_dim == self.vae_cfg.latent_dim]
             fail(f"the VAE's latent_dim {self.vae_cfg.latent_dim} does not match the DiT's {self.dit.cfg.latent_dim}; "
-                 "pass the matching --vae (and --vae-config)")
+                 f"pass the matching --vae (and --vae-config), or a --config of that latent_dim "
+                 f"({', '.join(fitting) or 'none'})")
         self.ema = EMA(self.models[0], args.ema) if args.ema > 0 else None
         self.empty = meta["empty"].float() if meta and meta["empty"] is not None else None
         self.text_dropout = args.text_dropout

@@ -503,6 +503,9 @@ def test_a_cached_run_needs_neither_encoder(clips, tmp_path, stage1, official_va
         train.main([*other, "--run-dir", str(tmp_path / "r2"), "--vae", str(tmp_path / "other.pt")])
     with pytest.raises(SystemExit, match="^error: .*holds T5 outputs of .*, but this run's text encoder is t5-x"):
         train.main([*other, "--run-dir", str(tmp_path / "r3"), "--text-encoder", "t5-x"])
+    with pytest.raises(SystemExit, match=r"^error: the VAE's latent_dim 8 does not match the DiT's 64; .*\(tiny\)$"):
+        train.main(["--stage", "1", "--config", "toy", "--manifest", str(clips), "--cache", str(cache),
+                    "--run-dir", str(tmp_path / "r4"), "--max-steps", "1", *FAST])
 
 
 def test_non_finite_losses_are_skipped_and_counted_then_stop_the_run(stage1, clips, tmp_path, official_vae_ckpt,
