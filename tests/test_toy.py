@@ -411,7 +411,7 @@ def test_the_toy_pipeline_samples_with_its_own_defaults(monkeypatch):
 @pytest.mark.slow
 def test_the_shipped_toy_model_still_hears_its_prompts():
     """assets/toy.pt through today's sampling code hears its prompts about as well as the README says (pitch 100%,
-    count 80.6%, timbre 100%; on these 36 clips 100, 77.8 and 100%), so that a change that breaks loading or
+    count 85.6%, timbre 100%; on these 36 clips 100, 77.8 and 100%), so that a change that breaks loading or
     sampling cannot pass unnoticed."""
     model = E.EzAudio.from_pretrained("toy", device="cpu")
     tones = [c for c in T.CAPTIONS if T.parse_caption(c)["kind"] == "tone"] * 2
