@@ -1,8 +1,8 @@
-"""The fast paths compute what the plain paths compute: folded weight norm, the batched CFG pass, dropping an
-all-True attention mask, cached rotary tables, no host synchronisation in the sampling loop, a sampling step captured
-once and replayed (a CUDA graph), bf16 weights, autocast and torch.compile. Exact rewrites are held to equality or float rounding; autocast and torch.compile are compared to
-float32 eager with the tolerance stated at each test. bench.py's FLOP count is checked against PyTorch's counter.
-Speed itself is measured by bench.py, never asserted."""
+"""The fast paths compute what the plain paths compute: folded weight norm, the batched CFG pass, dropping an all-True
+attention mask, cached rotary tables, no host synchronisation in the sampling loop, a sampling step captured once and
+replayed (a CUDA graph), bf16 weights, autocast and torch.compile. Exact rewrites are held to equality or float
+rounding; autocast and torch.compile are compared to float32 eager with the tolerance stated at each test. bench.py's
+FLOP count is checked against PyTorch's counter. Speed itself is measured by bench.py, never asserted."""
 
 import copy
 

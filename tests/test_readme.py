@@ -1,6 +1,7 @@
 """The README is a tutorial that must stay true. Its commands are read from its code blocks (and table cells): those
-that need no download and take seconds (the toy model's) run as written; the rest, which need the hub, a GPU or
-data, are parsed by their script's own argparse (a `...` in a command stands for flags it leaves out). Its Python blocks run on the toy model, or at least compile."""
+that need no download and take seconds (the toy model's) run as written; the rest, which need the hub, a GPU or data,
+are parsed by their script's own argparse (a `...` in a command stands for flags it leaves out). Its Python blocks run
+on the toy model, or at least compile."""
 
 import re
 import shlex

@@ -367,7 +367,8 @@ EARLY = [(flags, message) for flags, message in BAD  # but a mask under one late
 
 
 @pytest.mark.parametrize("flags, message", EARLY, ids=[m for _, m in EARLY])
-def test_bad_edit_clip_mask_or_duration_fails_before_the_model_loads(model_flags, bad_files, monkeypatch, flags, message):
+def test_bad_edit_clip_mask_or_duration_fails_before_the_model_loads(model_flags, bad_files, monkeypatch, flags,
+                                                                    message):
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded")
     monkeypatch.setattr(E.EzAudio, "from_pretrained", load)

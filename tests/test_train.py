@@ -630,7 +630,8 @@ def test_the_control_stage_trains_a_controlnet_beside_the_frozen_dit_and_resumes
     # sample.py takes the run as --ckpt: the DiT it names, steered by the ControlNet's EMA
     pipe = E.EzAudio.from_pretrained(ckpt=tmp_path / "a" / "ckpt.pt", device="cpu")
     assert pipe.controlnet is not None and pipe.controlnet.control.hop == 4
-    torch.testing.assert_close(pipe.controlnet.controlnet_pre.conv_out.weight, a["ema"]["controlnet_pre.conv_out.weight"])
+    torch.testing.assert_close(pipe.controlnet.controlnet_pre.conv_out.weight,
+                               a["ema"]["controlnet_pre.conv_out.weight"])
     reference = torch.sin(torch.linspace(0, 300, 2400)) * (torch.arange(2400) < 1200)
     assert pipe.generate(["a tone"], duration=0.1, steps=2, control=reference).shape == (1, 2400)
 
