@@ -1104,7 +1104,7 @@ MODELS = {  # the names --model takes: `hub_file`, a released DiT in HUB_REPO, w
     "s3_l": dict(hub_file="ckpts/s3/ezaudio_s3_l.pt", dit="L", text_encoder="google/flan-t5-large",
                  controlnet="ckpts/controlnet/s3_l_energy.pt"),
     # the toy world's model (toy.py), trained on a CPU by the README's recipe; `sampling` replaces the paper's
-    # defaults in sample.py: its clips are 2 s long, and CFG 3 counted best of CFG 1-6 on its tuning seeds
+    # defaults in sample.py: its clips are 2 s long, and its recipe was tuned at CFG 3 (on seeds 2000-2009)
     "toy": dict(file="assets/toy.pt", controlnet="assets/toy_control.pt", sampling=dict(duration=2.0, guidance=3.0)),
 }
 SAMPLING = dict(duration=10.0, steps=100, guidance=5.0, rescale=0.75, eta=1.0)  # the paper's (Sec. III)

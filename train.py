@@ -53,9 +53,9 @@ COMMON = dict(
     vae_config=None, text_encoder=None, segment=10.0, flip=0.5, min_clap=0.0, batch_size=16, accum=1,
     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, warmup=5000, clip=1.0, ema=0.0, mae_prob=0.25,
     min_timestep=0, text_dropout=0.1, disc_lr=3e-4, disc_filters=64, wave_weight=0.0, autoencoder=False,
-    stft_floor=0.0, a_weighting=True, device=None, dtype="auto", compile=False, grad_checkpointing=False, workers=4,
-    seed=0, log_every=50, save_every=5000, sample_every=5000, sample_steps=50, sample_prompts=SAMPLE_PROMPTS,
-    max_nonfinite=20)
+    envelope_channels=0, stft_floor=0.0, a_weighting=True, device=None, dtype="auto", compile=False,
+    grad_checkpointing=False, workers=4, seed=0, log_every=50, save_every=5000, sample_every=5000, sample_steps=50,
+    sample_prompts=SAMPLE_PROMPTS, max_nonfinite=20)
 STAGES = {
     "vae": dict(max_steps=1_000_000, lr=1.5e-4, betas=(0.8, 0.99), weight_decay=1e-3, warmup=1000, clip=0.0,
                 segment=0.5),
@@ -133,6 +133,10 @@ def parser():
       help="VAE stage: train a plain autoencoder: decode the posterior mean, with the squared error of the samples "
            "as the only loss (no spectral loss, KL or critic); it learns each sound's phase, hence its exact pitch, "
            "which spectral losses leave free. A first step before the full objective (default off)")
+    a("--envelope-channels", type=int,
+      help="VAE stage: tie the first this many latent channels to each frame's loudness (-1 silent to 1 the clip's "
+           "loudest), so that a DiT sees where sounds are while the latent is still mostly noise; the toy world's "
+           "count needs it (default 0, the released recipe)")
     a("--stft-floor", type=float, help="VAE stage: added to the magnitudes before the spectral loss takes their log "
                                        "(default 0, the released recipe; 1 for digitally silent audio such as the "
                                        "toy world's, so that a faint hiss costs less than silence)")
@@ -380,32 +384,50 @@ def squared_error(fake, real):
     return (fake.float() - real.float()).pow(2).mean()
 
 
+def loudness_target(audio, vae_cfg):
+    """What --envelope-channels ties latent channels to: the energy envelope (as a ControlNet's condition) at the
+    latent rate, from -1 (silent) to 1 (the clip's loudest frame). Not in the released recipe: in a latent that
+    holds each sound's phase, a sound barely moves the frames' mean, so a DiT cannot see it at high noise, where
+    how many sounds a clip has is decided (README, finding 5). (B, T) -> (B, 1, T // hop)"""
+    return 2 * E.energy_envelope(audio, E.ControlConfig(hop=vae_cfg.hop, window=4 * vae_cfg.hop)) - 1
+
+
 class VAEObjective(nn.Module):
     """Both players' losses in one forward, so that one backward serves both: the VAE's terms see the critic
     through detached weights (they train only the VAE), the critic's hinge loss sees a detached reconstruction
     (it trains only the critic). Without a critic, only the spectral loss and the KL; `wave_weight` adds the squared
     error of the samples (not in the released recipe; it ties the phase, which the spectra leave free). An
-    `autoencoder` decodes the posterior mean and learns from that squared error alone."""
+    `autoencoder` decodes the posterior mean and learns from that squared error alone. `envelope_channels` adds the
+    squared error of that many latent channels against the clip's loudness (`loudness_target`)."""
 
-    def __init__(self, vae, discriminator=None, wave_weight=0.0, stft_floor=0.0, a_weighting=True, autoencoder=False):
+    def __init__(self, vae, discriminator=None, wave_weight=0.0, stft_floor=0.0, a_weighting=True, autoencoder=False,
+                 envelope_channels=0):
         super().__init__()
         self.vae, self.discriminator, self.wave_weight, self.autoencoder = vae, discriminator, wave_weight, autoencoder
+        self.envelope_channels = envelope_channels
         self.stft = MultiResolutionSTFTLoss(vae.cfg.sample_rate, floor=stft_floor, a_weighting=a_weighting)
 
     def forward(self, audio, generator):
         real = audio[:, None]  # (B, 1, T)
         mean, std = self.vae.posterior(real)
         if self.autoencoder:
-            wave = squared_error(self.vae.decode(mean)[..., : real.shape[-1]], real)
-            return wave, {"wave": wave.detach()}
-        z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        fake = self.vae.decode(z)[..., : real.shape[-1]]
-        parts = {"stft": self.stft(fake, real), "kl": E.kl_divergence(mean.float(), std.float())}
-        if self.wave_weight:
-            parts["wave"] = squared_error(fake, real)
-        if self.discriminator is not None:
-            parts.update(self.adversarial(real, fake))
-        weights = {**VAE_LOSS_WEIGHTS, "wave": self.wave_weight, "disc": 1.0}
+            z = mean
+            parts = {"wave": squared_error(self.vae.decode(z)[..., : real.shape[-1]], real)}
+        else:
+            z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            fake = self.vae.decode(z)[..., : real.shape[-1]]
+            parts = {"stft": self.stft(fake, real), "kl": E.kl_divergence(mean.float(), std.float())}
+            if self.wave_weight:
+                parts["wave"] = squared_error(fake, real)
+            if self.discriminator is not None:
+                parts.update(self.adversarial(real, fake))
+        if self.envelope_channels:
+            target = loudness_target(audio, self.vae.cfg)
+            frames = min(z.shape[-1], target.shape[-1])
+            tied = z[:, : self.envelope_channels, :frames].float()  # the draw, so that its noise is tied down too
+            parts["envelope"] = (tied - target[..., :frames]).pow(2).mean()
+        weights = {**VAE_LOSS_WEIGHTS, "wave": 1.0 if self.autoencoder else self.wave_weight, "disc": 1.0,
+                   "envelope": 1.0}
         loss = sum(weights[k] * v for k, v in parts.items())
         return loss, {k: v.detach() for k, v in parts.items()}
 
@@ -735,10 +757,12 @@ class VAEStage:
         except (E.CheckpointError, KeyError) as e:
             fail(e)
         self.vae_cfg = self.vae.cfg
+        if not 0 <= args.envelope_channels <= self.vae_cfg.latent_dim:
+            fail(f"--envelope-channels must be 0 to the VAE's {self.vae_cfg.latent_dim} latent channels")
         critic = args.disc_filters > 0 and not args.autoencoder
         self.discriminator = MultiScaleSTFTDiscriminator(args.disc_filters) if critic else None
         self.objective = VAEObjective(self.vae, self.discriminator, args.wave_weight, args.stft_floor,
-                                      args.a_weighting, args.autoencoder).to(device)
+                                      args.a_weighting, args.autoencoder, args.envelope_channels).to(device)
         self.models, self.lrs = [self.vae], [args.lr]
         if self.discriminator:
             self.models, self.lrs = [self.vae, self.discriminator], [args.lr, args.disc_lr]

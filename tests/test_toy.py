@@ -410,8 +410,8 @@ def test_the_toy_pipeline_samples_with_its_own_defaults(monkeypatch):
 
 @pytest.mark.slow
 def test_the_shipped_toy_model_still_hears_its_prompts():
-    """assets/toy.pt through today's sampling code hears its prompts about as well as the README says (pitch 100%,
-    count 85.6%, timbre 100%; on these 36 clips 100, 77.8 and 100%), so that a change that breaks loading or
+    """assets/toy.pt through today's sampling code hears its prompts about as well as the README says (pitch 99.4%,
+    count 96.7%, timbre 99.4%; on these 36 clips 100% each), so that a change that breaks loading or
     sampling cannot pass unnoticed."""
     model = E.EzAudio.from_pretrained("toy", device="cpu")
     tones = [c for c in T.CAPTIONS if T.parse_caption(c)["kind"] == "tone"] * 2
@@ -419,7 +419,7 @@ def test_the_shipped_toy_model_still_hears_its_prompts():
                            seed=list(range(100, 100 + len(tones))))
     scores = T.score((c, T.measure(a.numpy())) for c, a in zip(tones, audio))
     accuracy = {p: c / n for p, (c, n) in scores.items()}
-    assert accuracy["pitch"] >= 0.95 and accuracy["count"] >= 0.7 and accuracy["timbre"] >= 0.95, \
+    assert accuracy["pitch"] >= 0.95 and accuracy["count"] >= 0.9 and accuracy["timbre"] >= 0.95, \
         T.format_scores(scores)
 
 

@@ -304,6 +304,32 @@ def test_the_autoencoder_objective_is_the_squared_error_of_the_posterior_mean():
                                                                        rel=0.01)
 
 
+def test_envelope_channels_are_tied_to_the_clips_loudness():
+    """--envelope-channels: the first K channels of the draw (of the mean, for an autoencoder) learn -1 where the clip
+    is silent and 1 where it is loudest, by squared error added to the loss; without it, no such term."""
+    torch.manual_seed(0)
+    vae = E.WaveformVAE(E.VAE_PRESETS["tiny"])
+    hop = vae.cfg.hop
+    audio = torch.zeros(2, 200 * hop)  # longer than the spectral loss's largest window
+    audio[:, 50 * hop: 100 * hop] = 0.5 * torch.sin(torch.arange(50 * hop) / 3.0)  # (B, T): a sound in frames 50-99
+    target = train.loudness_target(audio, vae.cfg)[:, 0]  # (B, frames)
+    assert target.shape == (2, 200) and target[:, 52:98].min() > 0.9
+    assert target[:, 102:].max() == target[:, :48].max() == -1
+    assert "envelope" not in train.VAEObjective(vae)(audio, torch.Generator().manual_seed(0))[1]
+    for autoencoder in (False, True):
+        loss, parts = train.VAEObjective(vae, autoencoder=autoencoder, envelope_channels=3)(
+            audio, torch.Generator().manual_seed(0))
+        free = train.VAEObjective(vae, autoencoder=autoencoder)(audio, torch.Generator().manual_seed(0))[0]
+        with torch.no_grad():
+            mean, std = vae.posterior(audio[:, None])
+            noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
+            z = mean if autoencoder else mean + std * noise
+        assert float(parts["envelope"]) == pytest.approx(float((z[:, :3] - target[:, None]).pow(2).mean()), rel=1e-5)
+        assert float((loss - free).detach()) == pytest.approx(float(parts["envelope"]), rel=1e-4)
+    args, _, _ = train.settings(["--stage", "vae", "--manifest", "m.csv", "--envelope-channels", "8"])
+    assert args.envelope_channels == 8
+
+
 def test_the_spectral_floor_forgives_a_faint_hiss_on_silence():
     """With the released floor, a hiss at -60 dB over digital silence costs more than no sound at all."""
     t = torch.arange(16000) / 16000
@@ -343,6 +369,8 @@ def test_vae_stage_without_a_critic(tmp_path):
         train.main([*common, "--resume", "--max-steps", "3", "--disc-filters", "4"])
     train.main([*common, "--resume", "--max-steps", "3", "--dtype", "fp16"])  # a loss scale starts afresh
     assert load(run / "ckpt.pt")["step"] == 3
+    with pytest.raises(SystemExit, match="^error: --envelope-channels must be 0 to the VAE's 8 latent channels$"):
+        train.main([*common, "--run-dir", str(tmp_path / "wide"), "--envelope-channels", "9"])
     with pytest.raises(SystemExit, match=r"^error: --segment 0.02 is too short for the VAE stage's spectral loss"):
         train.main([*common, "--run-dir", str(tmp_path / "short"), "--segment", "0.02"])
 
